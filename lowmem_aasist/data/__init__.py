@@ -1,0 +1,1 @@
+"""Corpora: protocol readers, streaming datasets and the synthetic demo corpus."""
