@@ -1,0 +1,148 @@
+"""The model is the published function: strict weight loading, reference scores, shapes, training behaviour."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+
+from lowmem_aasist.model import (
+    AASIST,
+    ARCHS,
+    WeightsError,
+    count_parameters,
+    detect_arch,
+    load_model,
+    min_samples,
+    receptive_frames,
+)
+
+
+def _reference_input(path) -> torch.Tensor:
+    x, _ = sf.read(path, dtype="float32")
+    x = np.tile(x, -(-64_600 // len(x)))[:64_600]
+    return torch.from_numpy(x)[None]
+
+
+@pytest.mark.parametrize("name, params", [("AASIST", 297_866), ("AASIST-L", 85_306)])
+def test_parameter_counts(name, params):
+    assert count_parameters(AASIST(name)) == params
+
+
+@pytest.mark.parametrize("name", ["AASIST", "AASIST-L"])
+def test_published_weights_load_strict_and_detect(shared_dir, name):
+    model = load_model(shared_dir / "weights" / f"{name}.pth")
+    assert model.arch.name == name
+    state = torch.load(shared_dir / "weights" / f"{name}.pth", map_location="cpu", weights_only=True)
+    assert detect_arch(state) is ARCHS[name]
+    assert set(model.state_dict()) == set(state)
+
+
+def test_reference_scores(shared_dir):
+    rows = [json.loads(line) for line in (shared_dir / "reference" / "scores.jsonl").read_text().splitlines()]
+    models = {name: load_model(shared_dir / "weights" / f"{name}.pth") for name in ARCHS}
+    worst = 0.0
+    with torch.no_grad():
+        for row in rows:
+            logits = models[row["model"]](_reference_input(shared_dir / "reference" / row["file"]))
+            worst = max(worst, abs(logits[0, 1].item() - row["score"]))
+    assert len(rows) == 8
+    assert worst < 1e-3, f"max score difference {worst}"
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 4000), (4000,), (2, 2, 4000)])
+def test_bad_input_shape_names_shapes(shape):
+    with pytest.raises(ValueError) as err:
+        AASIST("AASIST-L")(torch.zeros(shape))
+    assert str(list(shape)) in str(err.value) and "[B, T] or [B, 1, T]" in str(err.value)
+
+
+def test_output_shapes_and_embedding():
+    model = AASIST("AASIST-L").eval()
+    x = torch.randn(3, 8000)
+    logits, emb = model(x, return_embedding=True)
+    assert logits.shape == (3, 2) and emb.shape == (3, 5 * 32)
+    assert torch.equal(model(x.unsqueeze(1)), logits)
+    assert AASIST("AASIST").arch.embedding_dim == 160
+
+
+def test_time_geometry():
+    arch = ARCHS["AASIST"]
+    assert receptive_frames(64_600, arch) == 29
+    assert min_samples(arch) == 2_315
+    assert receptive_frames(min_samples(arch), arch) == 1
+    AASIST("AASIST-L").eval()(torch.randn(1, min_samples(arch)))
+
+
+def _reference_block_forward(block, x):
+    """The published block's forward, including the bn1 -> SELU it computes and discards."""
+    if hasattr(block, "bn1"):
+        F.selu(block.bn1(x))
+    out = block.conv2(F.selu(block.bn2(block.conv1(x))))
+    out = out + (x if block.conv_downsample is None else block.conv_downsample(x))
+    return block.pool(out)
+
+
+def test_skipping_wasted_bn1_changes_no_output_or_gradient():
+    torch.manual_seed(0)
+    ours = AASIST("AASIST-L").train()
+    theirs = AASIST("AASIST-L").train()
+    theirs.load_state_dict(ours.state_dict())
+    for seq in theirs.encoder:
+        seq[0].forward = (lambda b: (lambda x: _reference_block_forward(b, x)))(seq[0])
+    x = torch.randn(4, 6000)
+    y = torch.tensor([0, 1, 0, 1])
+    results = []
+    for model in (ours, theirs):
+        torch.manual_seed(1)  # same dropout masks
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (l1, g1), (l2, g2) = results
+    assert torch.equal(l1, l2)
+    assert g1.keys() == g2.keys()
+    for name in g1:
+        assert torch.equal(g1[name], g2[name]), name
+
+
+def test_training_mode_has_dropout_and_updates_bn():
+    torch.manual_seed(0)
+    model = AASIST("AASIST-L").train()
+    x = torch.randn(2, 6000)
+    a, b = model(x), model(x)
+    assert not torch.equal(a, b)  # dropout active
+    assert model.first_bn.num_batches_tracked.item() == 2
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+def test_bad_weight_files_get_one_line(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(WeightsError, match="nope.pth: weights file not found"):
+        load_model(missing)
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(WeightsError, match="junk.pth: not a PyTorch weights file") as err:
+        load_model(junk)
+    assert "\n" not in str(err.value)
+    other = tmp_path / "other.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, other)
+    with pytest.raises(WeightsError, match="other.pth: not an AASIST or AASIST-L state dict"):
+        load_model(other)
+    listy = tmp_path / "list.pth"
+    torch.save([1, 2, 3], listy)
+    with pytest.raises(WeightsError, match="list.pth: not an AASIST state dict"):
+        load_model(listy)
+
+
+def test_checkpoint_dict_and_wrong_explicit_model(tmp_path):
+    model = AASIST("AASIST-L")
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "step": 3}, path)
+    assert load_model(path).arch.name == "AASIST-L"
+    with pytest.raises(WeightsError, match="weights are AASIST-L, but --model AASIST"):
+        load_model(path, arch="AASIST")
