@@ -1,0 +1,231 @@
+"""The ``lowmem-aasist`` command: parse arguments, call the library, format results. No training logic here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class CLIError(Exception):
+    """A usage problem: printed as one line on stderr, exit 2."""
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def default_demo_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "lowmem-aasist" / "demo"
+
+
+# --- score -----------------------------------------------------------------------------------------------------
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from .audio import list_audio_files
+    from .memory.device import resolve_device
+    from .model import load_model
+    from .scoring import score_files
+
+    device = resolve_device(args.device)
+    model = load_model(args.weights, args.model, map_location=device).to(device)
+    paths: list[Path] = []
+    err = _stderr()
+    failed = 0
+    for given in args.paths:
+        p = Path(given)
+        if p.is_dir():
+            found = list_audio_files(p)
+            if not found:
+                err.print(f"{p}: no audio files in this folder")
+                failed += 1
+            paths += found
+        else:
+            paths.append(p)  # missing or unreadable files are reported by the scorer, in order
+
+    out = Console(highlight=False, soft_wrap=True)
+    table = Table("file", "score", "windows", "verdict", title=f"{model.arch.name} scores (bona fide logit)")
+    for result in score_files(model, paths, device, full=args.full, batch=args.batch):
+        if result.error:
+            failed += 1
+            err.print(f"error: {result.error}")
+            continue
+        if args.json:
+            print(json.dumps({"path": result.path, "score": round(result.score, 6), "windows": result.windows,
+                              "model": model.arch.name}), flush=True)
+        else:
+            table.add_row(result.path, f"{result.score:.6f}", str(result.windows),
+                          "bona fide" if result.score > 0 else "spoof")
+    if not args.json and table.row_count:
+        out.print(table)
+        out.print("score > 0 means the model prefers bona fide; the EER threshold of a trained model is usually not 0.")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+# --- demo-data -------------------------------------------------------------------------------------------------
+
+
+def _generate_demo(root: Path, console: Console, **params) -> Path:
+    from .data.demo import demo_corpus_ready, ensure_demo_corpus
+    from .progress import progress_bar
+
+    if demo_corpus_ready(root, **params):
+        console.print(f"demo corpus: using {root}")
+        return root
+    t0 = time.perf_counter()
+    total = params["n_train"] + params["n_dev"] + params["n_eval"]
+    with progress_bar(console, "demo corpus", total) as bar:
+        ensure_demo_corpus(root, progress=lambda done, _total: bar.advance(1), **params)
+    console.print(f"demo corpus: {total} utterances written to {root} in {time.perf_counter() - t0:.1f} s")
+    return root
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    _generate_demo(Path(args.dir), Console(highlight=False), n_train=args.n_train, n_dev=args.n_dev,
+                   n_eval=args.n_eval, seed=args.seed, workers=args.workers)
+    return EXIT_OK
+
+
+# --- fit -------------------------------------------------------------------------------------------------------
+
+
+def _fit_overrides(args: argparse.Namespace) -> dict:
+    pairs = {
+        "model.name": args.model,
+        "train.epochs": args.epochs,
+        "train.max_steps": args.max_steps,
+        "train.batch": args.batch,
+        "train.crop": args.crop,
+        "train.seed": args.seed,
+        "train.lr": args.lr,
+        "train.precision": args.precision,
+        "train.workers": args.workers,
+        "data.root": args.data,
+    }
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import fit
+
+    if args.demo == bool(args.data):
+        raise CLIError("fit: give exactly one of --data LA_ROOT (folder holding ASVspoof2019_LA_cm_protocols) or --demo")
+    profile = args.profile or ("demo" if args.demo else "aasist")
+    cfg = load_config(profile, _fit_overrides(args))
+    console = Console(highlight=False)
+    if args.demo:
+        d = cfg.demo
+        root = Path(args.demo_dir or d.cache or default_demo_dir())
+        _generate_demo(root, console, n_train=d.n_train, n_dev=d.n_dev, n_eval=d.n_eval, seed=d.seed, workers=2)
+        cfg = load_config(profile, {**_fit_overrides(args), "data.root": str(root)})
+    out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    result = fit(cfg, out, device=args.device, console=console)
+
+    eers = ", ".join(f"{e:.2f}" for e in result.dev_eers)
+    console.print(
+        f"\ndone: {result.steps} steps, {result.epochs} epochs in {result.wall_s:.0f} s on {result.device} "
+        f"({result.precision}); dev EER per epoch (%): {eers}; best {result.best_eer:.2f}% at epoch {result.best_epoch}"
+    )
+    console.print(f"run folder: {out} (config.json, metrics.jsonl, scores/dev.txt, checkpoints/best.pt, last.pt)")
+    console.print("next:")
+    console.print(f"  lowmem-aasist score AUDIO... --weights {out / 'checkpoints' / 'best.pt'}")
+    return EXIT_OK
+
+
+# --- parser ----------------------------------------------------------------------------------------------------
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "score": cmd_score,
+    "fit": cmd_fit,
+    "demo-data": cmd_demo_data,
+}
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowmem-aasist",
+        description="Train and use AASIST anti-spoofing models within a memory budget.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("score", help="score audio files with a trained model (bona fide logit)")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="audio files or folders (any format soundfile reads)")
+    p.add_argument("--weights", required=True, help="published weights (AASIST.pth) or a run's checkpoint (best.pt)")
+    p.add_argument("--model", default="auto", choices=["auto", "AASIST", "AASIST-L"],
+                   help="variant; auto tells them apart by tensor shapes (default)")
+    p.add_argument("--full", action="store_true",
+                   help="score the whole recording: 64,600-sample windows every 32,300 samples, mean logit "
+                        "(default: the reference input, the first 64,600 samples, short clips tiled)")
+    p.add_argument("--json", action="store_true", help="one JSON object per file per line")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--batch", type=int, default=8, help="clips (or windows) per forward pass (default 8)")
+
+    p = sub.add_parser("fit", help="train on ASVspoof 2019 LA (--data) or the built-in demo corpus (--demo)")
+    p.add_argument("--data", help="folder holding ASVspoof2019_LA_cm_protocols/")
+    p.add_argument("--demo", action="store_true", help="generate (once) and train on the synthetic demo corpus")
+    p.add_argument("--demo-dir", help=f"where the demo corpus is cached (default {default_demo_dir()})")
+    p.add_argument("--profile", help="TOML profile: a path or a name in profiles/ (default: aasist, or demo with --demo)")
+    p.add_argument("--model", choices=["AASIST", "AASIST-L"], help="variant (overrides the profile)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--batch", type=int, help="utterances per optimizer step (paper: 24)")
+    p.add_argument("--crop", type=int, help="training crop in samples at 16 kHz (paper: 64600)")
+    p.add_argument("--lr", type=float, help="peak learning rate (paper: 1e-4)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="data-loading processes (default: from the cores)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--out", help="run folder (default runs/<timestamp>); must be new or empty")
+
+    p = sub.add_parser("demo-data", help="write the synthetic demo corpus (ASVspoof 2019 LA layout) into DIR")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--n-train", type=int, default=800)
+    p.add_argument("--n-dev", type=int, default=200)
+    p.add_argument("--n-eval", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="processes generating audio (output is identical for any)")
+
+    assert set(sub.choices) == set(COMMANDS), "every subcommand needs a handler"
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .audio import AudioError
+    from .config import ConfigError
+    from .data.asvspoof2019 import ProtocolError
+    from .memory.device import DeviceError
+    from .model import WeightsError
+    from .train import RunFolderError
+
+    args = get_parser().parse_args(argv)
+    usage_errors = (CLIError, ConfigError, DeviceError, RunFolderError)
+    try:
+        return COMMANDS[args.command](args)
+    except usage_errors as exc:
+        _stderr().print(f"error: {exc}")
+        return EXIT_USAGE
+    except (WeightsError, ProtocolError, AudioError) as exc:
+        _stderr().print(f"error: {exc}")
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        _stderr().print("interrupted")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

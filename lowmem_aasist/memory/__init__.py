@@ -1,0 +1,1 @@
+"""Memory engine: device facts now; measurement, estimation, planning and techniques grow here."""

@@ -1,0 +1,210 @@
+"""``fit``: one training loop, read top to bottom.
+
+Setup builds everything from the frozen config (device, precision, data, model, optimizer, schedule); the loop
+then never branches on which options are on: autocast is a no-op context in fp32 and the GradScaler is disabled
+unless fp16.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+
+from .config import Config
+from .data.asvspoof2019 import read_split
+from .data.dataset import EpochSampler, TrainCrops, make_loader
+from .memory.device import resolve_device, resolve_precision
+from .memory.techniques import apply_channels_last
+from .metrics import eer_percent
+from .model import AASIST, count_parameters
+from .progress import progress_bar
+from .scoring import autocast_ctx, score_split, write_score_file
+from .storage import append_jsonl, atomic_torch_save, atomic_write_json
+
+
+class RunFolderError(Exception):
+    """The output folder cannot take this run; one line naming it."""
+
+
+@dataclass(frozen=True)
+class FitResult:
+    out: Path
+    steps: int
+    epochs: int
+    best_eer: float
+    best_epoch: int
+    dev_eers: tuple[float, ...]
+    wall_s: float
+    precision: str
+    device: str
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cosine_lr(step: int, total: int, lr: float, min_lr: float) -> float:
+    """Cosine decay per step from lr (step 0) to min_lr (step ``total``)."""
+    progress = min(step, total) / max(total, 1)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def prepare_out_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RunFolderError(f"--out {out}: folder exists and is not empty; choose a new --out (runs are never overwritten)")
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out / "scores").mkdir(exist_ok=True)
+
+
+def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = None) -> FitResult:
+    console = console or Console()
+    t_start = time.perf_counter()
+    tc = cfg.train
+
+    # --- setup -------------------------------------------------------------------------------------------
+    dev = resolve_device(device)
+    precision = resolve_precision(tc.precision, dev)
+    train_split, dev_split = read_split(cfg.data.root, "train"), read_split(cfg.data.root, "dev")
+    prepare_out_dir(out)
+    atomic_write_json(out / "config.json", {**cfg.to_dict(), "resolved": {"device": str(dev), "precision": precision}})
+    metrics_path, problems_path = out / "metrics.jsonl", out / "data_problems.jsonl"
+
+    seed_everything(tc.seed)
+    model = AASIST(cfg.model.name).to(dev)
+    if tc.channels_last:
+        apply_channels_last(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
+    class_weights = torch.tensor(tc.class_weights, device=dev)
+
+    sampler = EpochSampler(len(train_split), tc.seed)
+    loader = make_loader(TrainCrops(train_split, tc.crop, tc.seed), tc.batch, tc.workers, sampler, dev.type == "cuda")
+    steps_per_epoch = math.ceil(len(train_split) / tc.batch)
+    total_steps = tc.epochs * steps_per_epoch if tc.max_steps == 0 else min(tc.max_steps, tc.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, tc.lr, tc.min_lr) / tc.lr)
+
+    counts = train_split.counts()
+    console.print(
+        f"fit: {cfg.model.name} ({count_parameters(model):,} parameters) on {dev}, {precision}, "
+        f"batch {tc.batch} x crop {tc.crop}, lr {tc.lr:g}; train {len(train_split):,} utterances "
+        f"({counts['bonafide']:,} bona fide), dev {len(dev_split):,}; {total_steps:,} steps -> {out}"
+    )
+
+    reported: set[int] = set()
+
+    def report_problem(split_name: str, path: str, message: str) -> None:
+        console.print(f"[yellow]skipped[/yellow] {message}", highlight=False)
+        append_jsonl(problems_path, {"split": split_name, "path": path, "error": message})
+
+    # --- loop ----------------------------------------------------------------------------------------------
+    step, epoch, best_eer, best_epoch, dev_eers, loss_value = 0, 0, math.inf, -1, [], math.nan
+    window_t, window_samples = time.perf_counter(), 0
+    while epoch < tc.epochs and step < total_steps:
+        model.train()
+        sampler.set_epoch(epoch)
+        with progress_bar(console, f"epoch {epoch + 1}/{tc.epochs}", min(steps_per_epoch, total_steps - step)) as bar:
+            for batch in loader:
+                for index, message in batch.problems:
+                    if index not in reported:  # each bad file once per run, not once per epoch
+                        reported.add(index)
+                        report_problem("train", str(train_split.path[index]), message)
+                if len(batch.index) == 0:
+                    continue
+                x = batch.wave.to(dev, non_blocking=True)
+                y = batch.label.to(dev, non_blocking=True)
+                with autocast_ctx(dev, precision):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, weight=class_weights)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                step += 1
+                window_samples += len(y)
+
+                loss_value = loss.item()  # a sync point: once per step is cheap next to the step itself
+                bar.advance(1, status=f"loss {loss_value:.4f}")
+                if step % tc.log_every == 0 or step == total_steps:
+                    now = time.perf_counter()
+                    append_jsonl(
+                        metrics_path,
+                        {
+                            "step": step,
+                            "epoch": epoch,
+                            "loss": loss_value,
+                            "lr": optimizer.param_groups[0]["lr"],
+                            "samples_per_s": window_samples / max(now - window_t, 1e-9),
+                        },
+                    )
+                    window_t, window_samples = now, 0
+                if step >= total_steps:
+                    break
+
+        # --- end of epoch: dev EER, scores, checkpoints ------------------------------------------------------
+        t_dev = time.perf_counter()
+        with progress_bar(console, "dev", len(dev_split)) as bar:
+            scores = score_split(
+                model,
+                dev_split,
+                dev,
+                precision,
+                cfg.data.eval_samples,
+                cfg.data.dev_batch,
+                tc.workers,
+                on_batch=bar.advance,
+                on_problem=lambda i, m: report_problem("dev", str(dev_split.path[i]), m) if epoch == 0 else None,
+            )
+        scored = np.isfinite(scores)
+        dev_eer = eer_percent(scores[scored], dev_split.label[scored])
+        dev_eers.append(dev_eer)
+        write_score_file(out / "scores" / "dev.txt", dev_split, scores)
+        checkpoint = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "step": step,
+            "epoch": epoch + 1,
+            "dev_eer": dev_eer,
+            "config": cfg.to_dict(),
+        }
+        atomic_torch_save(out / "checkpoints" / "last.pt", checkpoint)
+        improved = dev_eer < best_eer
+        if improved:
+            best_eer, best_epoch = dev_eer, epoch + 1
+            atomic_torch_save(out / "checkpoints" / "best.pt", checkpoint)
+        append_jsonl(
+            metrics_path,
+            {"epoch": epoch + 1, "step": step, "dev_eer": dev_eer, "dev_s": time.perf_counter() - t_dev,
+             "wall_s": time.perf_counter() - t_start},
+        )
+        console.print(
+            f"epoch {epoch + 1}/{tc.epochs}  step {step}  loss {loss_value:.4f}  dev EER {dev_eer:.2f}%"
+            + ("  (best)" if improved else "")
+            + f"  [{time.perf_counter() - t_start:.0f} s]",
+            highlight=False,
+        )
+        epoch += 1
+
+    return FitResult(
+        out=out,
+        steps=step,
+        epochs=epoch,
+        best_eer=best_eer,
+        best_epoch=best_epoch,
+        dev_eers=tuple(dev_eers),
+        wall_s=time.perf_counter() - t_start,
+        precision=precision,
+        device=str(dev),
+    )
