@@ -26,6 +26,12 @@ def _stderr() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def _stdout() -> Console:
+    # Piped output gets a wide fixed width so table rows (long paths) stay on one line for grep and logs.
+    console = Console(highlight=False)
+    return console if console.is_terminal else Console(highlight=False, width=240)
+
+
 def default_demo_dir() -> Path:
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "lowmem-aasist" / "demo"
@@ -56,7 +62,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         else:
             paths.append(p)  # missing or unreadable files are reported by the scorer, in order
 
-    out = Console(highlight=False, soft_wrap=True)
+    out = _stdout()
     table = Table("file", "score", "windows", "verdict", title=f"{model.arch.name} scores (bona fide logit)")
     for result in score_files(model, paths, device, full=args.full, batch=args.batch):
         if result.error:
@@ -94,7 +100,7 @@ def _generate_demo(root: Path, console: Console, **params) -> Path:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    _generate_demo(Path(args.dir), Console(highlight=False), n_train=args.n_train, n_dev=args.n_dev,
+    _generate_demo(Path(args.dir), _stdout(), n_train=args.n_train, n_dev=args.n_dev,
                    n_eval=args.n_eval, seed=args.seed, workers=args.workers)
     return EXIT_OK
 
@@ -126,7 +132,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise CLIError("fit: give exactly one of --data LA_ROOT (folder holding ASVspoof2019_LA_cm_protocols) or --demo")
     profile = args.profile or ("demo" if args.demo else "aasist")
     cfg = load_config(profile, _fit_overrides(args))
-    console = Console(highlight=False)
+    console = _stdout()
     if args.demo:
         d = cfg.demo
         root = Path(args.demo_dir or d.cache or default_demo_dir())

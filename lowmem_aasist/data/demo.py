@@ -42,7 +42,7 @@ __all__ = [
 
 # Bump whenever the rendered audio or layout changes, so cached corpora made by
 # an older generator are rebuilt instead of silently reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SAMPLE_RATE = 16_000
 
 MARKER_NAME = ".complete"
@@ -164,13 +164,44 @@ def _voice_for(seed: int, speaker: str) -> _Voice:
 
 _FRAME = 512
 _HOP = 256
-# Formant ranges for an average tract, (low, high) centre and bandwidth in Hz.
+# Resonance ranges for an average tract, (low, high) centre and bandwidth in
+# Hz.  The two highest stand in for the upper vocal-tract modes that give
+# real voiced speech its (weak) energy up to 8 kHz; without them bona fide
+# vowels would be nearly band-limited themselves.
 _FORMANT_RANGES = np.array(
-    [[300.0, 850.0], [850.0, 2300.0], [2200.0, 3100.0], [3300.0, 3900.0], [4300.0, 5000.0]]
+    [
+        [300.0, 850.0],
+        [850.0, 2300.0],
+        [2200.0, 3100.0],
+        [3300.0, 3900.0],
+        [4300.0, 5000.0],
+        [5400.0, 6200.0],
+        [6600.0, 7500.0],
+    ]
 )
-_BANDWIDTH_RANGES = np.array([[60.0, 120.0], [80.0, 150.0], [100.0, 220.0], [150.0, 300.0], [200.0, 400.0]])
+_BANDWIDTH_RANGES = np.array(
+    [
+        [60.0, 120.0],
+        [80.0, 150.0],
+        [100.0, 220.0],
+        [150.0, 300.0],
+        [200.0, 400.0],
+        [300.0, 600.0],
+        [400.0, 800.0],
+    ]
+)
 # Parallel-branch levels relative to F1, giving the usual downward tilt.
-_FORMANT_LEVEL_DB = np.array([[0.0, 0.0], [-10.0, -4.0], [-18.0, -10.0], [-24.0, -16.0], [-28.0, -20.0]])
+_FORMANT_LEVEL_DB = np.array(
+    [
+        [0.0, 0.0],
+        [-10.0, -4.0],
+        [-18.0, -10.0],
+        [-24.0, -16.0],
+        [-28.0, -20.0],
+        [-30.0, -22.0],
+        [-34.0, -26.0],
+    ]
+)
 
 
 @dataclass(frozen=True)
