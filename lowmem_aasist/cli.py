@@ -93,8 +93,13 @@ def _generate_demo(root: Path, console: Console, **params) -> Path:
         return root
     t0 = time.perf_counter()
     total = params["n_train"] + params["n_dev"] + params["n_eval"]
-    with progress_bar(console, "demo corpus", total) as bar:
-        ensure_demo_corpus(root, progress=lambda done, _total: bar.advance(1), **params)
+    try:
+        with progress_bar(console, "demo corpus", total) as bar:
+            ensure_demo_corpus(root, progress=lambda done, _total: bar.advance(1), **params)
+    except FileExistsError:
+        raise CLIError(f"{root}: folder exists and is not a demo corpus; give an empty or new folder") from None
+    except ValueError as exc:
+        raise CLIError(f"demo corpus: {exc}") from None
     console.print(f"demo corpus: {total} utterances written to {root} in {time.perf_counter() - t0:.1f} s")
     return root
 

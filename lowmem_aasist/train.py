@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from .config import Config
-from .data.asvspoof2019 import read_split
+from .data.asvspoof2019 import Split, read_split
 from .data.dataset import EpochSampler, TrainCrops, make_loader
 from .memory.device import resolve_device, resolve_precision
 from .memory.techniques import apply_channels_last
@@ -100,11 +100,14 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
         f"({counts['bonafide']:,} bona fide), dev {len(dev_split):,}; {total_steps:,} steps -> {out}"
     )
 
-    reported: set[int] = set()
+    reported: set[tuple[str, int]] = set()
 
-    def report_problem(split_name: str, path: str, message: str) -> None:
+    def report_problem(split: Split, index: int, message: str) -> None:
+        if (split.name, index) in reported:  # each bad file once per run, not once per epoch
+            return
+        reported.add((split.name, index))
         console.print(f"[yellow]skipped[/yellow] {message}", highlight=False)
-        append_jsonl(problems_path, {"split": split_name, "path": path, "error": message})
+        append_jsonl(problems_path, {"split": split.name, "path": str(split.path[index]), "error": message})
 
     # --- loop ----------------------------------------------------------------------------------------------
     step, epoch, best_eer, best_epoch, dev_eers, loss_value = 0, 0, math.inf, -1, [], math.nan
@@ -115,9 +118,7 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
         with progress_bar(console, f"epoch {epoch + 1}/{tc.epochs}", min(steps_per_epoch, total_steps - step)) as bar:
             for batch in loader:
                 for index, message in batch.problems:
-                    if index not in reported:  # each bad file once per run, not once per epoch
-                        reported.add(index)
-                        report_problem("train", str(train_split.path[index]), message)
+                    report_problem(train_split, index, message)
                 if len(batch.index) == 0:
                     continue
                 x = batch.wave.to(dev, non_blocking=True)
@@ -163,7 +164,7 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
                 cfg.data.dev_batch,
                 tc.workers,
                 on_batch=bar.advance,
-                on_problem=lambda i, m: report_problem("dev", str(dev_split.path[i]), m) if epoch == 0 else None,
+                on_problem=lambda i, m: report_problem(dev_split, i, m),
             )
         scored = np.isfinite(scores)
         dev_eer = eer_percent(scores[scored], dev_split.label[scored])

@@ -87,28 +87,22 @@ def test_bad_audio_is_skipped_and_reported(corpus, tmp_path):
     assert all(p["split"] == "train" and p["error"] for p in problems)
 
 
-def _train_set_loss(model, root, cfg) -> float:
-    """Weighted cross-entropy over every training utterance's first crop, in eval mode (no dropout noise)."""
-    from lowmem_aasist.data.dataset import read_window
+def test_short_demo_fit_makes_loss_fall(tmp_path):
+    # Eight balanced demo utterances cut to the crop length, so every step sees the same whole set: 30 updates at
+    # lr 1e-3 must bring the logged training loss (dropout on) well down. Random crops of full-length clips need
+    # ~100+ steps to learn the artefact; the README's demo job measures that (dev EER), too slow for a unit test.
+    import soundfile as sf
 
-    split = read_split(root, "train")
-    x = torch.from_numpy(np.stack([read_window(p, 0, cfg.train.crop) for p in split.path]))
-    y = torch.from_numpy(split.label.astype(np.int64))
-    with torch.no_grad():
-        logits = model.eval()(x)
-    return torch.nn.functional.cross_entropy(logits, y, weight=torch.tensor(cfg.train.class_weights)).item()
-
-
-def test_short_demo_fit_makes_loss_fall(corpus, tmp_path):
-    from lowmem_aasist.model import AASIST
-    from lowmem_aasist.train import seed_everything
-
-    cfg = _quick_cfg(corpus, epochs=5, lr=1e-3)
-    seed_everything(cfg.train.seed)
-    before = _train_set_loss(AASIST(cfg.model.name), corpus, cfg)  # the exact initial weights fit starts from
-    fit(cfg, tmp_path / "run")
-    after = _train_set_loss(load_model(tmp_path / "run" / "checkpoints" / "last.pt"), corpus, cfg)
-    assert after < 0.7 * before, (before, after)
+    root = make_demo_corpus(tmp_path / "la", n_train=8, n_dev=4, n_eval=2, bonafide_fraction=0.5, seed=5, workers=1)
+    for path in read_split(root, "train").path:
+        x, sr = sf.read(path, dtype="float32")
+        sf.write(path, x[:4000], sr)
+    result = fit(_quick_cfg(root, epochs=30, batch=8, lr=1e-3), tmp_path / "run")
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert result.steps == 30 and len(losses) == 30
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.7 * first, (first, last)
 
 
 def test_cli_fit_demo_end_to_end(tmp_path, capsys):
@@ -133,3 +127,13 @@ def test_cli_usage_errors(tmp_path, capsys):
     assert "exactly one of --data" in capsys.readouterr().err
     assert main(["fit", "--data", str(tmp_path), "--batch", "0", "--out", str(tmp_path / "r")]) == 2
     assert "train.batch must be >= 1" in capsys.readouterr().err
+
+
+def test_demo_data_refuses_a_foreign_folder(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    assert main(["demo-data", str(tmp_path / "mine"), "--n-train", "2", "--n-dev", "2", "--n-eval", "2"]) == 2
+    assert "not a demo corpus" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    assert main(["demo-data", str(tmp_path / "d"), "--n-train", "1"]) == 2
+    assert "at least 2" in capsys.readouterr().err
