@@ -167,7 +167,9 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
                 on_problem=lambda i, m: report_problem(dev_split, i, m),
             )
         scored = np.isfinite(scores)
-        dev_eer = eer_percent(scores[scored], dev_split.label[scored])
+        labels = dev_split.label[scored]
+        # A dev split reduced to one class by bad audio has no EER; keep training and say so in the log.
+        dev_eer = eer_percent(scores[scored], labels) if 0 < labels.sum() < labels.size else math.nan
         dev_eers.append(dev_eer)
         write_score_file(out / "scores" / "dev.txt", dev_split, scores)
         checkpoint = {
