@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 
 from .config import Config
@@ -27,6 +26,7 @@ from .metrics import eer_percent
 from .model import AASIST, count_parameters
 from .progress import progress_bar
 from .scoring import autocast_ctx, score_split, write_score_file
+from .step import forward_backward
 from .storage import append_jsonl, atomic_torch_save, atomic_write_json
 
 
@@ -86,6 +86,10 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     class_weights = torch.tensor(tc.class_weights, device=dev)
+    micro_batch = tc.batch  # the memory planner splits this into micro-batch x accumulation
+
+    def autocast():
+        return autocast_ctx(dev, precision)
 
     sampler = EpochSampler(len(train_split), tc.seed)
     loader = make_loader(TrainCrops(train_split, tc.crop, tc.seed), tc.batch, tc.workers, sampler, dev.type == "cuda")
@@ -121,18 +125,15 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
                     report_problem(train_split, index, message)
                 if len(batch.index) == 0:
                     continue
-                x = batch.wave.to(dev, non_blocking=True)
-                y = batch.label.to(dev, non_blocking=True)
-                with autocast_ctx(dev, precision):
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, weight=class_weights)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                loss = forward_backward(
+                    model, batch.wave, batch.label, class_weights, micro_batch, autocast, scaler.scale
+                )
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
                 step += 1
-                window_samples += len(y)
+                window_samples += len(batch.index)
 
                 loss_value = loss.item()  # a sync point: once per step is cheap next to the step itself
                 bar.advance(1, status=f"loss {loss_value:.4f}")

@@ -1,0 +1,44 @@
+"""One optimizer step's forward and backward, split into micro-batches: shared by the trainer and the memory probes.
+
+Gradient accumulation is exact: each micro-batch's loss is its *sum* of weighted per-utterance losses divided by
+the whole batch's total weight, so the accumulated gradient is the gradient of the full batch's weighted-mean
+cross-entropy (the loss the paper's recipe uses), whatever the split. BatchNorm still sees micro-batch statistics,
+which is the one thing accumulation cannot keep (the planner prefers large micro-batches for that reason).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def forward_backward(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    class_weights: Tensor,
+    micro_batch: int,
+    autocast: Callable[[], AbstractContextManager],
+    scale: Callable[[Tensor], Tensor] = lambda loss: loss,
+) -> Tensor:
+    """Accumulate gradients of the weighted-mean loss of (x, y) over micro-batches; return the loss (detached).
+
+    ``x`` may live on the CPU: each micro-batch moves to the weights' device only when it is used, so device memory
+    holds one micro-batch of audio, never the whole batch. ``scale`` is the GradScaler's ``scale`` under fp16.
+    """
+    device = class_weights.device
+    y = y.to(device)
+    total_weight = class_weights[y].sum()
+    loss_sum = torch.zeros((), device=device)
+    for xs, ys in zip(x.split(micro_batch), y.split(micro_batch), strict=True):
+        with autocast():
+            logits = model(xs.to(device, non_blocking=True))
+        loss = F.cross_entropy(logits.float(), ys, weight=class_weights, reduction="sum") / total_weight
+        scale(loss).backward()
+        loss_sum += loss.detach()
+        del logits, loss  # free this micro-batch's graph outputs before the next forward
+    return loss_sum
