@@ -1,0 +1,108 @@
+"""The planner is pure and deterministic: fake devices of 4-15 GiB and a CPU, with a fixed memory model."""
+
+from __future__ import annotations
+
+import pytest
+
+from lowmem_aasist.memory.plan import (
+    REF_CROP,
+    Cost,
+    NoPlanError,
+    Overheads,
+    Technique,
+    best_plan,
+    micro_batches,
+    plan_candidates,
+    predict_peak,
+)
+
+MiB, GiB = 2**20, 2**30
+
+# A memory model of the shape measured on AASIST (MiB per sample at crop 64,600): numbers for the test, not claims.
+PER_SAMPLE = {
+    ("fp32", "none"): 300, ("fp32", "gat"): 298, ("fp32", "encoder"): 240, ("fp32", "block0-segments"): 200,
+    ("bf16", "none"): 140, ("bf16", "gat"): 139, ("bf16", "encoder"): 120, ("bf16", "block0-segments"): 100,
+    ("fp16", "none"): 140, ("fp16", "gat"): 139, ("fp16", "encoder"): 120, ("fp16", "block0-segments"): 100,
+}
+
+
+def costs_for(precisions):
+    return {Technique(p, c): Cost(12 * MiB, s * MiB) for (p, c), s in PER_SAMPLE.items() if p in precisions}
+
+
+CUDA = Overheads(base_bytes=500 * MiB, slack_fraction=0.08)
+CPU = Overheads(base_bytes=600 * MiB, bf16_scratch_bytes=124 * MiB)
+
+
+def test_micro_batches_divide_the_effective_batch():
+    assert micro_batches(24) == [24, 12, 8, 6, 4, 3, 2, 1]
+    assert micro_batches(7) == [7, 1]
+
+
+@pytest.mark.parametrize("gib", [4, 6, 8, 12, 15])
+@pytest.mark.parametrize("card, precisions", [("turing", ("fp32", "fp16")), ("ampere", ("fp32", "bf16"))])
+def test_gpu_budgets_keep_the_recipe(gib, card, precisions):
+    budget = gib * GiB
+    plan, candidates = best_plan(budget, costs_for(precisions), CUDA)
+    assert plan.effective_batch == 24 and plan.crop == REF_CROP
+    assert plan.predicted_peak_bytes <= budget * 0.97
+    assert plan.precision in precisions
+    assert candidates[0] == plan and len(candidates) >= 1
+    # Every candidate fits and keeps the recipe; none is better ranked than the chosen one.
+    for c in candidates:
+        assert c.predicted_peak_bytes <= budget and c.effective_batch == 24
+        assert c.relative_cost >= plan.relative_cost
+    # Deterministic.
+    assert best_plan(budget, costs_for(precisions), CUDA)[0] == plan
+
+
+def test_bigger_budget_never_smaller_micro_batch():
+    costs = costs_for(("fp32", "bf16"))
+    chosen = [best_plan(g * GiB, costs, CUDA)[0] for g in (4, 6, 8, 12, 15)]
+    assert all(a.relative_cost >= b.relative_cost for a, b in zip(chosen, chosen[1:], strict=False))
+    assert chosen[-1].micro_batch == 24 and chosen[-1].checkpoint in ("none", "gat")
+
+
+def test_four_gib_ampere_prefers_accumulation_to_recompute():
+    plan, candidates = best_plan(4 * GiB, costs_for(("fp32", "bf16")), CUDA)
+    # bf16 without checkpointing: 24 needs 500 + 1.08 x (12 + 24 x 140) = 4,142 MiB > 4 GiB x 0.97, 12 fits.
+    assert (plan.micro_batch, plan.grad_accum, plan.precision, plan.checkpoint) == (12, 2, "bf16", "none")
+    # The whole batch in one micro-batch also fits, with block 0 in segments (500 + 1.08 x 2,412 = 3,105 MiB),
+    # ranked lower because it recomputes.
+    whole = [c for c in candidates if c.micro_batch == 24]
+    assert whole and whole[0].checkpoint == "block0-segments" and whole[0].precision == "bf16"
+
+
+def test_cpu_budget_and_bf16_scratch():
+    costs = costs_for(("fp32", "bf16"))
+    plan, _ = best_plan(3 * GiB, costs, CPU)
+    assert plan.effective_batch == 24
+    t = Technique(plan.precision, plan.checkpoint)
+    assert plan.predicted_peak_bytes == predict_peak(costs[t], CPU, plan.precision, plan.micro_batch, plan.crop)
+    assert predict_peak(costs[Technique("bf16", "none")], CPU, "bf16", 1, REF_CROP) - predict_peak(
+        costs[Technique("bf16", "none")], CPU, "fp32", 1, REF_CROP) == 124 * MiB
+
+
+def test_crop_shortened_only_when_micro_batch_one_cannot_fit_and_said_loudly():
+    costs = {Technique("fp32", "none"): Cost(10 * MiB, 400 * MiB)}
+    plan, _ = best_plan(int(0.85 * GiB), costs, Overheads(base_bytes=500 * MiB))
+    assert plan.crop < REF_CROP and plan.effective_batch == 24
+    assert any("CROP SHORTENED" in n for n in plan.notes)
+    plan_full, _ = best_plan(2 * GiB, costs, Overheads(base_bytes=500 * MiB))
+    assert plan_full.crop == REF_CROP and not any("CROP" in n for n in plan_full.notes)
+
+
+def test_small_micro_batch_is_flagged():
+    costs = {Technique("fp32", "none"): Cost(10 * MiB, 400 * MiB)}
+    plan, _ = best_plan(2 * GiB, costs, Overheads(base_bytes=500 * MiB))
+    assert plan.micro_batch < 8 and any("BatchNorm" in n for n in plan.notes)
+
+
+def test_nothing_fits_names_the_smallest_budget():
+    with pytest.raises(NoPlanError, match="smallest configuration needs about"):
+        best_plan(100 * MiB, costs_for(("fp32",)), CUDA)
+
+
+def test_prefers_less_recompute_when_both_fit():
+    plans = plan_candidates(15 * GiB, costs_for(("fp32", "bf16")), CUDA)
+    assert plans[0].checkpoint == "none" and plans[0].precision == "bf16" and plans[0].micro_batch == 24
