@@ -1,6 +1,6 @@
 """One frozen, typed configuration: dataclass defaults (the paper's recipe) < TOML profile < command-line overrides.
 
-A profile is a TOML file with the tables ``[model]``, ``[train]``, ``[data]`` and ``[demo]``; every key must be a
+A profile is a TOML file with the tables ``[model]``, ``[train]``, ``[data]``, ``[demo]`` and ``[memory]``; every key must be a
 field of that table's dataclass and of its type. All problems in a profile are reported at once.
 """
 
@@ -109,17 +109,47 @@ class DemoConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    budget: str = ""
+    """Memory budget to plan for: "" (no planning: the plain recipe), "auto" (free memory minus a margin) or a size
+    such as 6GB (GB = GiB = 2^30 bytes). On CUDA the process's GPU memory as NVML counts it; on CPU its peak RSS."""
+    checkpoint: str = "auto"
+    """Activation-checkpointing policy, or auto (the planner chooses): none, gat, encoder, block0-segments."""
+    optimizer: str = "adam"
+    """adam (the paper's), adam8bit or adamw8bit (bitsandbytes; saves ~1.4 MiB on AASIST), or auto."""
+    micro_batch: int = 0
+    """Utterances per forward pass (0: the planner chooses); train.batch / micro_batch steps are accumulated."""
+
+    def validate(self) -> list[str]:
+        errors = []
+        if self.checkpoint not in ("auto", "none", "gat", "encoder", "block0-segments"):
+            errors.append(f"memory.checkpoint must be auto, none, gat, encoder or block0-segments, got {self.checkpoint!r}")
+        if self.optimizer not in ("auto", "adam", "adam8bit", "adamw8bit"):
+            errors.append(f"memory.optimizer must be auto, adam, adam8bit or adamw8bit, got {self.optimizer!r}")
+        if self.micro_batch < 0:
+            errors.append(f"memory.micro_batch must be >= 0, got {self.micro_batch}")
+        return errors
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-_SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "demo": DemoConfig}
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+    "demo": DemoConfig,
+    "memory": MemoryConfig,
+}
 
 
 def _coerce(value: Any, annotation: Any, where: str) -> tuple[Any, str | None]:
