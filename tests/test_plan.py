@@ -106,3 +106,13 @@ def test_nothing_fits_names_the_smallest_budget():
 def test_prefers_less_recompute_when_both_fit():
     plans = plan_candidates(15 * GiB, costs_for(("fp32", "bf16")), CUDA)
     assert plans[0].checkpoint == "none" and plans[0].precision == "bf16" and plans[0].micro_batch == 24
+
+
+def test_forced_micro_batch():
+    costs = costs_for(("fp32", "bf16"))
+    plan, _ = best_plan(15 * GiB, costs, CUDA, micro_batch=6)
+    assert (plan.micro_batch, plan.grad_accum) == (6, 4)
+    with pytest.raises(NoPlanError, match="does not divide"):
+        best_plan(15 * GiB, costs, CUDA, micro_batch=5)
+    with pytest.raises(NoPlanError):
+        best_plan(1 * GiB, costs, CUDA, micro_batch=24)

@@ -113,17 +113,22 @@ def plan_candidates(
     effective_batch: int = 24,
     crop: int = REF_CROP,
     margin_fraction: float = 0.03,
+    micro_batch: int = 0,
 ) -> list[Plan]:
     """Every (technique, micro-batch, crop) whose predicted peak fits ``budget_bytes`` minus a margin, best first.
 
-    Deterministic: ties are broken by larger micro-batch, then technique name order.
+    Each technique contributes its largest fitting micro-batch (or only ``micro_batch`` when given, which must
+    divide the effective batch). Deterministic: ties are broken by larger micro-batch, then technique name order.
     """
+    if micro_batch and effective_batch % micro_batch:
+        raise NoPlanError(f"micro-batch {micro_batch} does not divide the effective batch {effective_batch}")
+    sizes = [micro_batch] if micro_batch else micro_batches(effective_batch)
     limit = budget_bytes * (1.0 - margin_fraction)
     crops = [c for c in CROPS if c <= crop] if crop in CROPS else [crop, *[c for c in CROPS if c < crop]]
     plans: list[Plan] = []
     for c in crops:
         for technique, cost in sorted(costs.items(), key=lambda kv: (kv[0].precision, kv[0].checkpoint, kv[0].optimizer)):
-            for mb in micro_batches(effective_batch):
+            for mb in sizes:
                 peak = predict_peak(cost, overheads, technique.precision, mb, c)
                 if peak > limit:
                     continue
@@ -149,15 +154,14 @@ def best_plan(
     overheads: Overheads,
     effective_batch: int = 24,
     crop: int = REF_CROP,
+    micro_batch: int = 0,
 ) -> tuple[Plan, list[Plan]]:
     """(chosen plan, all candidates best first); raises NoPlanError naming the smallest budget that would fit."""
-    plans = plan_candidates(budget_bytes, costs, overheads, effective_batch, crop)
+    plans = plan_candidates(budget_bytes, costs, overheads, effective_batch, crop, micro_batch=micro_batch)
     if plans:
         return plans[0], plans
-    smallest = min(
-        predict_peak(cost, overheads, t.precision, 1, min(CROPS)) for t, cost in costs.items()
-    )
+    smallest = min(predict_peak(cost, overheads, t.precision, micro_batch or 1, min(CROPS)) for t, cost in costs.items())
     raise NoPlanError(
         f"no plan fits {budget_bytes / 2**20:,.0f} MiB: the smallest configuration needs about "
-        f"{smallest / 2**20:,.0f} MiB (micro-batch 1, crop {min(CROPS)})"
+        f"{smallest / 2**20:,.0f} MiB (micro-batch {micro_batch or 1}, crop {min(CROPS)})"
     )
