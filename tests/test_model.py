@@ -81,8 +81,8 @@ def test_time_geometry():
 def _reference_block_forward(block, x):
     """The published block's forward, including the bn1 -> SELU it computes and discards."""
     if hasattr(block, "bn1"):
-        F.selu(block.bn1(x))
-    out = block.conv2(F.selu(block.bn2(block.conv1(x))))
+        F.selu(block.bn1(x), inplace=True)
+    out = block.conv2(F.selu(block.bn2(block.conv1(x)), inplace=True))
     out = out + (x if block.conv_downsample is None else block.conv_downsample(x))
     return block.pool(out)
 
