@@ -12,10 +12,10 @@ from torch.utils.checkpoint import checkpoint
 from lowmem_aasist.memory.estimate import _adam8bit_saving, estimate_step_peak, fit_linear
 from lowmem_aasist.memory.measure import (
     LiveTensorTracker,
-    _reset_rss_peak,
-    _rss_peak,
     build_step,
     measure_step,
+    reset_rss_peak,
+    rss_peak,
     state_bytes,
     tensors_bytes,
 )
@@ -121,9 +121,9 @@ def test_measure_step_cpu():
 
 
 def test_rss_peak_reset_reads_back():
-    if not (sys.platform.startswith("linux") and _reset_rss_peak()):
+    if not (sys.platform.startswith("linux") and reset_rss_peak()):
         pytest.skip("VmHWM reset needs Linux /proc/self/clear_refs")
-    peak = _rss_peak()
+    peak = rss_peak()
     assert peak is not None and peak > 0
 
 
@@ -168,12 +168,12 @@ def test_estimator_short_run_equals_every_micro_batch():
 
 
 def test_estimator_allocates_nothing_real():
-    if not (sys.platform.startswith("linux") and _reset_rss_peak()):
+    if not (sys.platform.startswith("linux") and reset_rss_peak()):
         pytest.skip("needs Linux VmHWM")
-    before = _rss_peak()
+    before = rss_peak()
     peak = estimate_step_peak("AASIST", 24, 64600, 24, "fp32")
     assert peak > 8 * 2**30  # a reference-size batch needs about 10 GiB of live tensors...
-    assert _rss_peak() - before < 512 * MiB  # ...which the estimate never touches
+    assert rss_peak() - before < 512 * MiB  # ...which the estimate never touches
 
 
 def test_estimator_rejects_unknown_optimizer():

@@ -187,7 +187,7 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")
 
 
-def _reset_rss_peak() -> bool:
+def reset_rss_peak() -> bool:
     # Writing 5 to clear_refs resets the kernel's high-water mark (VmHWM) to the current RSS (Linux >= 4.0).
     try:
         _CLEAR_REFS.write_text("5")
@@ -196,7 +196,7 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-def _rss_peak() -> int | None:
+def rss_peak() -> int | None:
     try:
         for line in _STATUS.read_text().splitlines():
             if line.startswith("VmHWM:"):
@@ -252,7 +252,7 @@ def measure_step(
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    rss_ok = _reset_rss_peak()
+    rss_ok = reset_rss_peak()
     start = time.perf_counter()
     peak, fixed = tracked_step(step, model, optimizer, device)
     if cuda:
@@ -261,7 +261,7 @@ def measure_step(
     return StepMemory(
         peak_bytes=peak,
         state_bytes=fixed,
-        rss_peak_bytes=_rss_peak() if rss_ok else None,
+        rss_peak_bytes=rss_peak() if rss_ok else None,
         cuda_peak_allocated=torch.cuda.max_memory_allocated(device) if cuda else None,
         cuda_peak_reserved=torch.cuda.max_memory_reserved(device) if cuda else None,
         step_s=seconds,
