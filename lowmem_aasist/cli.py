@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .config import CHECKPOINT_POLICIES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -125,6 +126,10 @@ def _fit_overrides(args: argparse.Namespace) -> dict:
         "train.precision": args.precision,
         "train.workers": args.workers,
         "data.root": args.data,
+        "memory.budget": args.budget,
+        "memory.checkpoint": args.checkpoint,
+        "memory.optimizer": args.optimizer,
+        "memory.micro_batch": args.micro_batch,
     }
     return {k: v for k, v in pairs.items() if v is not None}
 
@@ -157,12 +162,72 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- probe -----------------------------------------------------------------------------------------------------
+
+
+def _describe_device(facts) -> str:
+    from .memory.budget import format_bytes
+
+    what = "available" if facts.kind == "cpu" else "free"
+    cc = f", compute capability {facts.compute_capability[0]}.{facts.compute_capability[1]}" if facts.compute_capability else ""
+    return (f"{facts.kind}: {facts.name}{cc}; {format_bytes(facts.total_bytes)} total, {format_bytes(facts.free_bytes)} "
+            f"{what} (from {facts.source}); native bf16: {'yes' if facts.native_bf16 else 'no'}")
+
+
+def _describe_plan(plan) -> str:
+    return (f"micro-batch {plan.micro_batch} x accumulation {plan.grad_accum} = {plan.effective_batch}, crop {plan.crop:,}, "
+            f"{plan.precision}, checkpoint {plan.checkpoint}, optimizer {plan.optimizer}")
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from .memory.budget import format_bytes
+    from .memory.device import resolve_device
+    from .memory.engine import plan_run
+    from .progress import progress_bar
+
+    device = resolve_device(args.device)
+    out = _stdout()
+    with progress_bar(_stderr(), "calibrating", None) as bar:
+        run = plan_run(args.model, device, args.budget, args.batch, args.crop, args.precision, args.checkpoint,
+                       args.optimizer, args.micro_batch,
+                       on_progress=lambda t: bar.advance(1, status=f"{t.precision} {t.checkpoint}"))
+    for warning in run.warnings:
+        _stderr().print(f"warning: {warning}")
+    if args.json:
+        print(json.dumps(run.to_dict()))
+        return EXIT_OK
+    plan = run.plan
+    out.print(_describe_device(run.facts))
+    out.print(f"budget: {format_bytes(run.budget_bytes)} (--budget {args.budget}; GB means GiB)")
+    out.print(f"plan: {_describe_plan(plan)}")
+    out.print(f"predicted peak: {format_bytes(plan.predicted_peak_bytes)} of {format_bytes(run.budget_bytes)} "
+              f"({100 * plan.predicted_peak_bytes / run.budget_bytes:.0f}%)")
+    for note in plan.notes:
+        out.print(f"[bold yellow]note:[/bold yellow] {note}")
+    for precision, o in run.calibration.overheads.items():
+        out.print(f"overheads ({precision}): {format_bytes(o.base_bytes)} fixed + {format_bytes(int(o.per_sample_bytes))} "
+                  f"per sample, {100 * o.slack_fraction:.0f}% allocator slack")
+    out.print(f"  ({run.calibration.note})")
+    table = Table("micro x accum", "crop", "precision", "checkpoint", "optimizer", "predicted peak", "relative cost",
+                  title="candidates that fit (best first)")
+    for c in run.candidates:
+        table.add_row(f"{c.micro_batch} x {c.grad_accum}", f"{c.crop:,}", c.precision, c.checkpoint, c.optimizer,
+                      format_bytes(c.predicted_peak_bytes), f"{c.relative_cost:.3f}")
+    out.print(table)
+    if args.explain:
+        from .memory.explain import explain
+
+        explain(args.model, args.crop, out)
+    return EXIT_OK
+
+
 # --- parser ----------------------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "score": cmd_score,
     "fit": cmd_fit,
     "demo-data": cmd_demo_data,
+    "probe": cmd_probe,
 }
 
 
@@ -202,6 +267,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="data-loading processes (default: from the cores)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--out", help="run folder (default runs/<timestamp>); must be new or empty")
+    p.add_argument("--budget", help="plan within this memory (6GB, 6.5GiB, 6144MB; GB = GiB = 2^30 bytes) or auto; "
+                                    "--batch is then the effective batch, split into micro-batch x accumulation")
+    p.add_argument("--checkpoint", choices=["auto", *CHECKPOINT_POLICIES],
+                   help="activation checkpointing policy (default: the planner's choice with --budget, else none)")
+    p.add_argument("--optimizer", choices=["auto", "adam", "adam8bit", "adamw8bit"])
+    p.add_argument("--micro-batch", type=int, help="utterances per forward pass; must divide --batch")
 
     p = sub.add_parser("demo-data", help="write the synthetic demo corpus (ASVspoof 2019 LA layout) into DIR")
     p.add_argument("dir", metavar="DIR")
@@ -211,6 +282,21 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="processes generating audio (output is identical for any)")
 
+    p = sub.add_parser("probe", help="read the device, predict peak memory and print a plan that fits the budget")
+    p.add_argument("--budget", default="auto",
+                   help="memory to plan for: a size like 6GB, 6.5GiB, 6144MB (GB = GiB = 2^30 bytes: a '6 GB' card "
+                        "has 6,144 MiB), or auto = free memory minus a safety margin (default)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--model", default="AASIST", choices=["AASIST", "AASIST-L"])
+    p.add_argument("--batch", type=int, default=24, help="effective batch to keep (paper: 24)")
+    p.add_argument("--crop", type=int, default=64_600, help="training crop in samples (paper: 64600)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--checkpoint", default="auto", choices=["auto", *CHECKPOINT_POLICIES])
+    p.add_argument("--optimizer", default="adam", choices=["auto", "adam", "adam8bit", "adamw8bit"])
+    p.add_argument("--micro-batch", type=int, default=0, help="force the micro-batch (must divide --batch)")
+    p.add_argument("--json", action="store_true", help="one JSON object: device, budget_bytes, plan, candidates")
+    p.add_argument("--explain", action="store_true", help="where memory goes, per module, and what each technique saves")
+
     assert set(sub.choices) == set(COMMANDS), "every subcommand needs a handler"
     return parser
 
@@ -219,12 +305,18 @@ def main(argv: list[str] | None = None) -> int:
     from .audio import AudioError
     from .config import ConfigError
     from .data.asvspoof2019 import ProtocolError
+    from .memory.budget import BudgetError
     from .memory.device import DeviceError
+    from .memory.optim import OptimizerError
+    from .memory.plan import NoPlanError
     from .model import WeightsError
     from .train import RunFolderError
 
     args = get_parser().parse_args(argv)
-    usage_errors = (CLIError, ConfigError, DeviceError, RunFolderError)
+    from .memory.enforce import enable_expandable_segments
+
+    enable_expandable_segments()  # before anything touches CUDA
+    usage_errors = (CLIError, ConfigError, DeviceError, RunFolderError, BudgetError, NoPlanError, OptimizerError)
     try:
         return COMMANDS[args.command](args)
     except usage_errors as exc:

@@ -18,6 +18,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+CHECKPOINT_POLICIES = ("none", "gat", "encoder", "block0-segments", "all")
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 
@@ -114,7 +115,7 @@ class MemoryConfig:
     """Memory budget to plan for: "" (no planning: the plain recipe), "auto" (free memory minus a margin) or a size
     such as 6GB (GB = GiB = 2^30 bytes). On CUDA the process's GPU memory as NVML counts it; on CPU its peak RSS."""
     checkpoint: str = "auto"
-    """Activation-checkpointing policy, or auto (the planner chooses): none, gat, encoder, block0-segments."""
+    """Activation-checkpointing policy, or auto (the planner chooses): none, gat, encoder, block0-segments, all."""
     optimizer: str = "adam"
     """adam (the paper's), adam8bit or adamw8bit (bitsandbytes; saves ~1.4 MiB on AASIST), or auto."""
     micro_batch: int = 0
@@ -122,8 +123,8 @@ class MemoryConfig:
 
     def validate(self) -> list[str]:
         errors = []
-        if self.checkpoint not in ("auto", "none", "gat", "encoder", "block0-segments"):
-            errors.append(f"memory.checkpoint must be auto, none, gat, encoder or block0-segments, got {self.checkpoint!r}")
+        if self.checkpoint not in ("auto", *CHECKPOINT_POLICIES):
+            errors.append(f"memory.checkpoint must be auto or one of {', '.join(CHECKPOINT_POLICIES)}, got {self.checkpoint!r}")
         if self.optimizer not in ("auto", "adam", "adam8bit", "adamw8bit"):
             errors.append(f"memory.optimizer must be auto, adam, adam8bit or adamw8bit, got {self.optimizer!r}")
         if self.micro_batch < 0:

@@ -21,7 +21,9 @@ from .config import Config
 from .data.asvspoof2019 import Split, read_split
 from .data.dataset import EpochSampler, TrainCrops, make_loader
 from .memory.device import resolve_device, resolve_precision
-from .memory.techniques import apply_channels_last
+from .memory.enforce import PeakReader, enforce_budget
+from .memory.engine import RunPlan, plan_run, prepare_model
+from .memory.optim import make_optimizer
 from .metrics import eer_percent
 from .model import AASIST, count_parameters
 from .progress import progress_bar
@@ -59,6 +61,13 @@ def cosine_lr(step: int, total: int, lr: float, min_lr: float) -> float:
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _plan_line(run_plan: RunPlan) -> str:
+    p = run_plan.plan
+    return (f"micro-batch {p.micro_batch} x {p.grad_accum} accumulation, crop {p.crop}, {p.precision}, checkpoint "
+            f"{p.checkpoint}, {p.optimizer}; predicted peak {p.predicted_peak_bytes / 2**20:,.0f} MiB of "
+            f"{run_plan.budget_bytes / 2**20:,.0f} MiB budget")
+
+
 def prepare_out_dir(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunFolderError(f"--out {out}: folder exists and is not empty; choose a new --out (runs are never overwritten)")
@@ -73,34 +82,54 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
 
     # --- setup -------------------------------------------------------------------------------------------
     dev = resolve_device(device)
-    precision = resolve_precision(tc.precision, dev)
     train_split, dev_split = read_split(cfg.data.root, "train"), read_split(cfg.data.root, "dev")
+    mc = cfg.memory
+    run_plan = None
+    if mc.budget:  # plan within the budget: the planner picks precision, micro-batch, checkpointing, optimizer
+        run_plan = plan_run(cfg.model.name, dev, mc.budget, tc.batch, tc.crop, tc.precision, mc.checkpoint,
+                            mc.optimizer, mc.micro_batch, tc.channels_last)
+        p = run_plan.plan
+        precision, micro_batch, crop, checkpoint, optimizer_name = p.precision, p.micro_batch, p.crop, p.checkpoint, p.optimizer
+        # CPU budgets count the whole process: decode in it rather than in extra worker processes.
+        workers = 0 if dev.type == "cpu" else tc.workers
+    else:  # the plain recipe, with whatever the config forces
+        precision, micro_batch, crop = resolve_precision(tc.precision, dev), mc.micro_batch or tc.batch, tc.crop
+        checkpoint = "none" if mc.checkpoint == "auto" else mc.checkpoint
+        optimizer_name = "adam" if mc.optimizer == "auto" else mc.optimizer
+        workers = tc.workers
+    if tc.batch % micro_batch:
+        raise RunFolderError(f"--micro-batch {micro_batch} must divide the batch {tc.batch}")
     prepare_out_dir(out)
-    atomic_write_json(out / "config.json", {**cfg.to_dict(), "resolved": {"device": str(dev), "precision": precision}})
+    resolved = {"device": str(dev), "precision": precision, "micro_batch": micro_batch, "crop": crop,
+                "checkpoint": checkpoint, "optimizer": optimizer_name, "workers": workers}
+    atomic_write_json(out / "config.json", {**cfg.to_dict(), "resolved": resolved})
+    if run_plan is not None:
+        atomic_write_json(out / "plan.json", run_plan.to_dict())
+        console.print(f"plan: {_plan_line(run_plan)}", highlight=False)
+        console.print(enforce_budget(dev, run_plan.budget_bytes, run_plan.facts.context_bytes), highlight=False)
     metrics_path, problems_path = out / "metrics.jsonl", out / "data_problems.jsonl"
 
     seed_everything(tc.seed)
     model = AASIST(cfg.model.name).to(dev)
-    if tc.channels_last:
-        apply_channels_last(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    prepare_model(model, checkpoint, tc.channels_last)
+    optimizer = make_optimizer(optimizer_name, model.parameters(), tc.lr, tc.betas, tc.weight_decay)
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     class_weights = torch.tensor(tc.class_weights, device=dev)
-    micro_batch = tc.batch  # the memory planner splits this into micro-batch x accumulation
 
     def autocast():
         return autocast_ctx(dev, precision)
 
     sampler = EpochSampler(len(train_split), tc.seed)
-    loader = make_loader(TrainCrops(train_split, tc.crop, tc.seed), tc.batch, tc.workers, sampler, dev.type == "cuda")
+    loader = make_loader(TrainCrops(train_split, crop, tc.seed), tc.batch, workers, sampler, dev.type == "cuda")
     steps_per_epoch = math.ceil(len(train_split) / tc.batch)
     total_steps = tc.epochs * steps_per_epoch if tc.max_steps == 0 else min(tc.max_steps, tc.epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, tc.lr, tc.min_lr) / tc.lr)
+    peaks = PeakReader(dev)
 
     counts = train_split.counts()
     console.print(
         f"fit: {cfg.model.name} ({count_parameters(model):,} parameters) on {dev}, {precision}, "
-        f"batch {tc.batch} x crop {tc.crop}, lr {tc.lr:g}; train {len(train_split):,} utterances "
+        f"batch {tc.batch} (micro-batch {micro_batch}) x crop {crop}, lr {tc.lr:g}; train {len(train_split):,} utterances "
         f"({counts['bonafide']:,} bona fide), dev {len(dev_split):,}; {total_steps:,} steps -> {out}"
     )
 
@@ -147,6 +176,7 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
                             "loss": loss_value,
                             "lr": optimizer.param_groups[0]["lr"],
                             "samples_per_s": window_samples / max(now - window_t, 1e-9),
+                            "peak_bytes": peaks.read(),
                         },
                     )
                     window_t, window_samples = now, 0

@@ -31,7 +31,8 @@ def costs_for(precisions):
 
 
 CUDA = Overheads(base_bytes=500 * MiB, slack_fraction=0.08)
-CPU = Overheads(base_bytes=600 * MiB, bf16_scratch_bytes=124 * MiB)
+CPU = {"fp32": Overheads(base_bytes=450 * MiB, per_sample_bytes=75 * MiB),
+       "bf16": Overheads(base_bytes=500 * MiB, per_sample_bytes=80 * MiB)}
 
 
 def test_micro_batches_divide_the_effective_batch():
@@ -73,14 +74,15 @@ def test_four_gib_ampere_prefers_accumulation_to_recompute():
     assert [(c.precision, c.checkpoint) for c in whole] == [("bf16", "encoder"), ("bf16", "block0-segments")]
 
 
-def test_cpu_budget_and_bf16_scratch():
+def test_cpu_budget_and_per_precision_overheads():
     costs = costs_for(("fp32", "bf16"))
     plan, _ = best_plan(3 * GiB, costs, CPU)
     assert plan.effective_batch == 24
     t = Technique(plan.precision, plan.checkpoint)
     assert plan.predicted_peak_bytes == predict_peak(costs[t], CPU, plan.precision, plan.micro_batch, plan.crop)
-    assert predict_peak(costs[Technique("bf16", "none")], CPU, "bf16", 1, REF_CROP) - predict_peak(
-        costs[Technique("bf16", "none")], CPU, "fp32", 1, REF_CROP) == 124 * MiB
+    bf16 = costs[Technique("bf16", "none")]
+    # bf16's overheads: 500 MiB + 80 MiB x 2 samples on top of its live tensors (12 + 2 x 140 MiB).
+    assert predict_peak(bf16, CPU, "bf16", 2, REF_CROP) == (500 + 160 + 12 + 280) * MiB
 
 
 def test_crop_shortened_only_when_micro_batch_one_cannot_fit_and_said_loudly():

@@ -25,7 +25,7 @@ BN_NOISY_BELOW = 8
 # Relative cost of a training step per sample, used only to rank plans that fit (measured on a 2-core CPU, AASIST,
 # crop 64,600, s/sample: fp32 1.19, bf16 0.65, bf16 + checkpoint each block 0.98, + block 0 in segments 1.08).
 PRECISION_COST = {"fp32": 1.0, "bf16": 0.55, "fp16": 0.55}
-CHECKPOINT_COST = {"none": 1.0, "gat": 1.02, "encoder": 1.5, "block0-segments": 1.65}
+CHECKPOINT_COST = {"none": 1.0, "gat": 1.02, "encoder": 1.5, "block0-segments": 1.65, "all": 1.7}
 OPTIMIZER_COST = {"adam": 1.0, "adam8bit": 1.01}
 
 
@@ -53,14 +53,22 @@ class Cost:
 
 @dataclass(frozen=True)
 class Overheads:
-    """What a device adds on top of live tensors (calibrated by a small real step where possible)."""
+    """What a device adds on top of live tensors, for one precision (calibrated by small real steps)."""
 
     base_bytes: int
-    """CUDA: the CUDA context; CPU: resident memory of the process before the step (torch, libraries, workers)."""
-    bf16_scratch_bytes: int = 0
-    """CPU: fixed oneDNN scratch of bf16 convolution backward that no tensor accounts for (~124 MiB measured)."""
+    """CUDA: the CUDA context; CPU: resident memory of the process beyond live tensors (torch, libraries)."""
+    per_sample_bytes: float = 0.0
+    """CPU: kernel scratch that grows with the batch (oneDNN reorders, bf16 convolution buffers), per sample at
+    crop 64,600: resident memory that no tensor accounts for."""
     slack_fraction: float = 0.0
     """CUDA: caching-allocator reserve and fragmentation, as a fraction of live tensor bytes."""
+
+
+OverheadsArg = Overheads | Mapping[str, Overheads]
+
+
+def _for_precision(overheads: OverheadsArg, precision: str) -> Overheads:
+    return overheads if isinstance(overheads, Overheads) else overheads[precision]
 
 
 @dataclass(frozen=True)
@@ -87,10 +95,10 @@ class Plan:
         return d
 
 
-def predict_peak(cost: Cost, overheads: Overheads, precision: str, micro_batch: int, crop: int) -> int:
-    live = cost.peak(micro_batch, crop) * (1.0 + overheads.slack_fraction)
-    scratch = overheads.bf16_scratch_bytes if precision == "bf16" else 0
-    return int(overheads.base_bytes + scratch + live)
+def predict_peak(cost: Cost, overheads: OverheadsArg, precision: str, micro_batch: int, crop: int) -> int:
+    o = _for_precision(overheads, precision)
+    live = cost.peak(micro_batch, crop) * (1.0 + o.slack_fraction)
+    return int(o.base_bytes + o.per_sample_bytes * micro_batch * crop / REF_CROP + live)
 
 
 def micro_batches(effective_batch: int) -> list[int]:
@@ -109,7 +117,7 @@ def _relative_cost(t: Technique, micro_batch: int, crop: int) -> float:
 def plan_candidates(
     budget_bytes: int,
     costs: Mapping[Technique, Cost],
-    overheads: Overheads,
+    overheads: OverheadsArg,
     effective_batch: int = 24,
     crop: int = REF_CROP,
     margin_fraction: float = 0.03,
@@ -151,7 +159,7 @@ def plan_candidates(
 def best_plan(
     budget_bytes: int,
     costs: Mapping[Technique, Cost],
-    overheads: Overheads,
+    overheads: OverheadsArg,
     effective_batch: int = 24,
     crop: int = REF_CROP,
     micro_batch: int = 0,

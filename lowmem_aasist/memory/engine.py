@@ -1,0 +1,227 @@
+"""The memory engine's glue: candidate techniques for a device, their calibrated costs, the device's overheads,
+and the plan. ``probe`` and ``fit --budget`` both call :func:`make_plan`; the planner itself stays pure.
+
+Costs come from the fake-tensor estimator (no real allocation, so probing never runs out of memory) at micro-batch
+1 and 2 of the recipe's crop: fixed part and slope per sample. Device overheads come from one small *real* step on
+the device: what the process holds beyond live tensors (CPU: libraries and kernel scratch in RSS; CUDA: context,
+allocator reserve). Costs are cached per torch version, model and technique, so a second probe is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..model import AASIST
+from .device import DeviceFacts
+from .plan import REF_CROP, Cost, Overheads, Plan, Technique, best_plan
+from .techniques import POLICIES, apply_channels_last, apply_checkpointing, apply_lean_pooling
+
+CACHE_VERSION = 1
+
+
+def prepare_model(model: nn.Module, checkpoint: str, channels_last: bool = False) -> list[str]:
+    """Apply a plan's techniques at setup: the exact lean building blocks always, then the checkpoint policy."""
+    applied = [f"lean-pool:{name}" for name in apply_lean_pooling(model)]
+    applied += [f"checkpoint:{name}" for name in apply_checkpointing(model, checkpoint)]
+    if channels_last:
+        apply_channels_last(model)
+        applied.append("channels-last:encoder")
+    return applied
+
+
+def candidate_techniques(
+    facts: DeviceFacts, precision: str = "auto", checkpoint: str = "auto", optimizer: str = "adam"
+) -> list[Technique]:
+    """Techniques worth planning with on this device: native reduced precision only, every policy unless forced."""
+    if precision != "auto":
+        precisions = [precision]
+    elif facts.kind == "cuda":
+        precisions = ["fp32", "bf16" if facts.native_bf16 else "fp16"]
+    else:
+        precisions = ["fp32", "bf16"] if facts.native_bf16 else ["fp32"]
+    policies = list(POLICIES) if checkpoint == "auto" else [checkpoint]
+    optimizers = ["adam"] if optimizer == "auto" else [optimizer]
+    return [Technique(p, c, o) for p in precisions for c in policies for o in optimizers]
+
+
+def _cache_path() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "lowmem-aasist" / "costs.json"
+
+
+def _key(model_name: str, t: Technique, channels_last: bool) -> str:
+    return f"v{CACHE_VERSION}|torch {torch.__version__}|{model_name}|{t.precision}|{t.checkpoint}|{t.optimizer}|cl={channels_last}"
+
+
+def technique_costs(
+    model_name: str,
+    techniques: list[Technique],
+    channels_last: bool = False,
+    cache: Path | None = None,
+    on_progress: Callable[[Technique], None] | None = None,
+) -> dict[Technique, Cost]:
+    """Fixed bytes and bytes per sample (crop 64,600) of each technique, from the estimator at micro-batch 1 and 2."""
+    from .estimate import estimate_step_peak
+
+    cache = cache or _cache_path()
+    try:
+        stored = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        stored = {}
+    costs: dict[Technique, Cost] = {}
+    for t in techniques:
+        key = _key(model_name, t, channels_last)
+        if key not in stored:
+            def prepare(m: nn.Module, t: Technique = t) -> None:
+                prepare_model(m, t.checkpoint, channels_last)
+
+            p1, p2 = (
+                estimate_step_peak(model_name, mb, REF_CROP, mb, t.precision, prepare=prepare, optimizer=t.optimizer)
+                for mb in (1, 2)
+            )
+            stored[key] = {"fixed_bytes": int(2 * p1 - p2), "per_sample_bytes": float(p2 - p1)}
+        costs[t] = Cost(**stored[key])
+        if on_progress:
+            on_progress(t)
+    try:
+        from ..storage import atomic_write_json
+
+        atomic_write_json(cache, stored)
+    except OSError:  # a read-only home is no reason to fail a probe
+        pass
+    return costs
+
+
+CALIBRATION_CROP = 64_600
+"""Crop of the real calibration steps: the recipe's own. At 32,000 the resident overhead per sample came out twice
+the full-length figure (smaller buffers stay in malloc's heap), so calibrating short would mispredict."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    overheads: dict[str, Overheads]
+    """Per precision."""
+    note: str
+
+    def to_dict(self) -> dict:
+        return {
+            "per_precision": {
+                p: {"base_bytes": o.base_bytes, "per_sample_bytes": round(o.per_sample_bytes), "slack_fraction": o.slack_fraction}
+                for p, o in self.overheads.items()
+            },
+            "how": self.note,
+        }
+
+
+def _real_step_memory(model_name: str, device: torch.device, precision: str, micro_batch: int):
+    from .measure import build_step, measure_step
+
+    torch.manual_seed(0)
+    model = AASIST(model_name).to(device)
+    prepare_model(model, "none")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    step = build_step(model, optimizer, micro_batch, CALIBRATION_CROP, micro_batch, precision, device)
+    return measure_step(step, model, optimizer, device)
+
+
+def calibrate_overheads(facts: DeviceFacts, device: torch.device, model_name: str, precisions: list[str]) -> Calibration:
+    """Real steps at micro-batch 1 and 2 per precision: what the process holds beyond live tensors, fixed and per
+    sample. CPU: resident memory (with the allocator settings ``fit`` uses); CUDA: context and allocator reserve."""
+    from .enforce import release_freed_memory_promptly
+
+    if device.type == "cpu":
+        release_freed_memory_promptly()  # as fit does: calibrate the process the run will be
+    scale = REF_CROP / CALIBRATION_CROP
+    overheads = {}
+    for precision in precisions:
+        one, two = (_real_step_memory(model_name, device, precision, mb) for mb in (1, 2))
+        if device.type == "cuda":
+            slack = max((two.cuda_peak_reserved or two.peak_bytes) / max(two.peak_bytes, 1) - 1.0, 0.05)
+            overheads[precision] = Overheads(base_bytes=facts.context_bytes, slack_fraction=slack)
+        else:
+            extra1 = (one.rss_peak_bytes or one.peak_bytes) - one.peak_bytes
+            extra2 = (two.rss_peak_bytes or two.peak_bytes) - two.peak_bytes
+            per_sample = max(extra2 - extra1, 0) * scale
+            base = max(extra1 - per_sample / scale, 0)
+            overheads[precision] = Overheads(base_bytes=int(base), per_sample_bytes=per_sample)
+    how = (
+        "CUDA context (NVML) + caching-allocator reserve over live tensors"
+        if device.type == "cuda"
+        else "process RSS beyond live tensors (libraries; kernel scratch per sample)"
+    )
+    return Calibration(overheads, f"{how}, from real steps at micro-batch 1 and 2, crop {CALIBRATION_CROP:,}")
+
+
+def make_plan(
+    budget_bytes: int,
+    costs: dict[Technique, Cost],
+    overheads: dict[str, Overheads],
+    effective_batch: int,
+    crop: int,
+    micro_batch: int = 0,
+) -> tuple[Plan, list[Plan]]:
+    """The best plan and all candidates; ``micro_batch`` > 0 forces it (the planner then chooses the rest)."""
+    return best_plan(budget_bytes, costs, overheads, effective_batch, crop, micro_batch=micro_batch)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything ``probe`` prints and ``fit --budget`` follows (written to ``plan.json``)."""
+
+    facts: DeviceFacts
+    budget_bytes: int
+    warnings: tuple[str, ...]
+    plan: Plan
+    candidates: tuple[Plan, ...]
+    calibration: Calibration
+    model: str
+
+    def to_dict(self) -> dict:
+        plan_keys = ("micro_batch", "grad_accum", "crop", "precision", "checkpoint", "optimizer", "predicted_peak_bytes")
+
+        def short(p: Plan) -> dict:
+            d = p.to_dict()
+            return {**{k: d[k] for k in plan_keys}, "relative_cost": d["relative_cost"], "notes": d["notes"]}
+
+        return {
+            "device": self.facts.to_dict(),
+            "model": self.model,
+            "budget_bytes": self.budget_bytes,
+            "plan": short(self.plan),
+            "candidates": [short(p) for p in self.candidates],
+            "overheads": self.calibration.to_dict(),
+            "warnings": list(self.warnings),
+        }
+
+
+def plan_run(
+    model_name: str,
+    device: torch.device,
+    budget: str,
+    effective_batch: int,
+    crop: int,
+    precision: str = "auto",
+    checkpoint: str = "auto",
+    optimizer: str = "adam",
+    micro_batch: int = 0,
+    channels_last: bool = False,
+    on_progress: Callable[[Technique], None] | None = None,
+) -> RunPlan:
+    """Read the device, resolve the budget, calibrate, and plan. Raises BudgetError or NoPlanError (one line)."""
+    from .budget import resolve_budget
+    from .device import device_facts
+
+    facts = device_facts(device)
+    budget_bytes, warnings = resolve_budget(budget, facts)
+    techniques = candidate_techniques(facts, precision, checkpoint, optimizer)
+    costs = technique_costs(model_name, techniques, channels_last, on_progress=on_progress)
+    calibration = calibrate_overheads(facts, device, model_name, sorted({t.precision for t in techniques}))
+    plan, candidates = make_plan(budget_bytes, costs, calibration.overheads, effective_batch, crop, micro_batch)
+    return RunPlan(facts, budget_bytes, tuple(warnings), plan, tuple(candidates), calibration, model_name)
