@@ -371,7 +371,11 @@ def _to_channels_last(_module: nn.Module, args: tuple) -> tuple:
 
 
 def apply_channels_last(model: nn.Module) -> nn.Module:
-    """Run the 2-D encoder in channels-last layout (faster bf16 convolutions on CPU); the math is unchanged.
+    """Run the 2-D encoder in channels-last layout (measured 1.6-1.8x faster steps on CPU, fp32 and bf16).
+
+    The same operations, but different kernels: in fp32 results agree to rounding; in bf16 the different rounding
+    can flip GraphPool's top-k choices, so one step's loss and gradient may differ noticeably from the default
+    layout's (seen: gradient cosine 0.80 on a tiny AASIST-L batch). Training converges the same (the demo).
 
     The encoder's weights are converted once and its input on every call, by a forward pre-hook, so the model's
     own code does not know about layouts.
