@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..model import AASIST
+from ..storage import atomic_write_json
 from .device import DeviceFacts
 from .plan import REF_CROP, Cost, Overheads, Plan, Technique, best_plan
 from .techniques import POLICIES, apply_channels_last, apply_checkpointing, apply_lean_pooling
@@ -71,10 +72,7 @@ def technique_costs(
     from .estimate import estimate_step_peak
 
     cache = cache or _cache_path()
-    try:
-        stored = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        stored = {}
+    stored = _load_cache(cache)
     costs: dict[Technique, Cost] = {}
     for t in techniques:
         key = _key(model_name, t, channels_last)
@@ -90,18 +88,8 @@ def technique_costs(
         costs[t] = Cost(**stored[key])
         if on_progress:
             on_progress(t)
-    try:
-        from ..storage import atomic_write_json
-
-        atomic_write_json(cache, stored)
-    except OSError:  # a read-only home is no reason to fail a probe
-        pass
+    _store_cache(cache, stored)
     return costs
-
-
-CALIBRATION_CROP = 64_600
-"""Crop of the real calibration steps: the recipe's own. At 32,000 the resident overhead per sample came out twice
-the full-length figure (smaller buffers stay in malloc's heap), so calibrating short would mispredict."""
 
 
 @dataclass(frozen=True)
@@ -120,43 +108,67 @@ class Calibration:
         }
 
 
-def _real_step_memory(model_name: str, device: torch.device, precision: str, micro_batch: int):
+def _real_step_memory(model_name: str, device: torch.device, precision: str, micro_batch: int, crop: int):
     from .measure import build_step, measure_step
 
     torch.manual_seed(0)
     model = AASIST(model_name).to(device)
     prepare_model(model, "none")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    step = build_step(model, optimizer, micro_batch, CALIBRATION_CROP, micro_batch, precision, device)
+    step = build_step(model, optimizer, micro_batch, crop, micro_batch, precision, device)
     return measure_step(step, model, optimizer, device)
 
 
-def calibrate_overheads(facts: DeviceFacts, device: torch.device, model_name: str, precisions: list[str]) -> Calibration:
-    """Real steps at micro-batch 1 and 2 per precision: what the process holds beyond live tensors, fixed and per
-    sample. CPU: resident memory (with the allocator settings ``fit`` uses); CUDA: context and allocator reserve."""
+def _load_cache(cache: Path) -> dict:
+    try:
+        return json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store_cache(cache: Path, stored: dict) -> None:
+    try:
+        atomic_write_json(cache, stored)
+    except OSError:  # a read-only home is no reason to fail a probe
+        pass
+
+
+def calibrate_overheads(
+    facts: DeviceFacts, device: torch.device, model_name: str, precisions: list[str], crop: int, cache: Path | None = None
+) -> Calibration:
+    """Real steps at micro-batch 1 and 2 of the planned crop, per precision: what the process holds beyond live
+    tensors, fixed and per sample. CPU: resident memory with the allocator settings ``fit`` uses (calibrating at a
+    shorter crop than the run's mispredicts: at 32,000 the per-sample overhead came out twice the 64,600 figure);
+    CUDA: context and allocator reserve. Cached per device, torch version, model, precision and crop."""
     from .enforce import release_freed_memory_promptly
 
     if device.type == "cpu":
         release_freed_memory_promptly()  # as fit does: calibrate the process the run will be
-    scale = REF_CROP / CALIBRATION_CROP
+    cache = cache or _cache_path()
+    stored = _load_cache(cache)
+    scale = REF_CROP / crop
     overheads = {}
     for precision in precisions:
-        one, two = (_real_step_memory(model_name, device, precision, mb) for mb in (1, 2))
-        if device.type == "cuda":
-            slack = max((two.cuda_peak_reserved or two.peak_bytes) / max(two.peak_bytes, 1) - 1.0, 0.05)
-            overheads[precision] = Overheads(base_bytes=facts.context_bytes, slack_fraction=slack)
-        else:
-            extra1 = (one.rss_peak_bytes or one.peak_bytes) - one.peak_bytes
-            extra2 = (two.rss_peak_bytes or two.peak_bytes) - two.peak_bytes
-            per_sample = max(extra2 - extra1, 0) * scale
-            base = max(extra1 - per_sample / scale, 0)
-            overheads[precision] = Overheads(base_bytes=int(base), per_sample_bytes=per_sample)
+        key = f"overheads|v{CACHE_VERSION}|torch {torch.__version__}|{facts.kind}|{facts.name}|{model_name}|{precision}|{crop}"
+        if key not in stored:
+            one, two = (_real_step_memory(model_name, device, precision, mb, crop) for mb in (1, 2))
+            if device.type == "cuda":
+                slack = max((two.cuda_peak_reserved or two.peak_bytes) / max(two.peak_bytes, 1) - 1.0, 0.05)
+                stored[key] = {"base_bytes": facts.context_bytes, "per_sample_bytes": 0.0, "slack_fraction": slack}
+            else:
+                extra1 = (one.rss_peak_bytes or one.peak_bytes) - one.peak_bytes
+                extra2 = (two.rss_peak_bytes or two.peak_bytes) - two.peak_bytes
+                per_sample = max(extra2 - extra1, 0) * scale
+                base = max(extra1 - per_sample / scale, 0)
+                stored[key] = {"base_bytes": int(base), "per_sample_bytes": per_sample, "slack_fraction": 0.0}
+        overheads[precision] = Overheads(**stored[key])
+    _store_cache(cache, stored)
     how = (
         "CUDA context (NVML) + caching-allocator reserve over live tensors"
         if device.type == "cuda"
         else "process RSS beyond live tensors (libraries; kernel scratch per sample)"
     )
-    return Calibration(overheads, f"{how}, from real steps at micro-batch 1 and 2, crop {CALIBRATION_CROP:,}")
+    return Calibration(overheads, f"{how}, from real steps at micro-batch 1 and 2, crop {crop:,}")
 
 
 def make_plan(
@@ -222,6 +234,6 @@ def plan_run(
     budget_bytes, warnings = resolve_budget(budget, facts)
     techniques = candidate_techniques(facts, precision, checkpoint, optimizer)
     costs = technique_costs(model_name, techniques, channels_last, on_progress=on_progress)
-    calibration = calibrate_overheads(facts, device, model_name, sorted({t.precision for t in techniques}))
+    calibration = calibrate_overheads(facts, device, model_name, sorted({t.precision for t in techniques}), crop)
     plan, candidates = make_plan(budget_bytes, costs, calibration.overheads, effective_batch, crop, micro_batch)
     return RunPlan(facts, budget_bytes, tuple(warnings), plan, tuple(candidates), calibration, model_name)
