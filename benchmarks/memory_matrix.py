@@ -25,9 +25,10 @@ import torch
 
 from lowmem_aasist.memory.device import device_facts, resolve_device
 from lowmem_aasist.memory.engine import prepare_model, technique_costs
+from lowmem_aasist.memory.estimate import estimate_step_peak
 from lowmem_aasist.memory.measure import build_step, measure_step
 from lowmem_aasist.memory.optim import make_optimizer
-from lowmem_aasist.memory.plan import Technique
+from lowmem_aasist.memory.plan import REF_CROP, Cost, Technique
 from lowmem_aasist.model import AASIST
 
 MiB = 2**20
@@ -74,6 +75,21 @@ def build_model(model_name: str, row: Row, device: torch.device) -> torch.nn.Mod
     return model
 
 
+def row_cost(model_name: str, row: Row) -> Cost:
+    """The planner's memory model for this row (lean rows: exactly what the planner uses; stock rows: the same
+    estimator with the stock blocks, so the unmodified recipe is predicted too)."""
+    if row.lean:
+        return next(iter(technique_costs(model_name, [Technique(row.precision, row.checkpoint, row.optimizer)]).values()))
+    from lowmem_aasist.memory.techniques import apply_checkpointing
+
+    p1, p2 = (
+        estimate_step_peak(model_name, mb, REF_CROP, mb, row.precision, optimizer=row.optimizer,
+                           prepare=lambda m: apply_checkpointing(m, row.checkpoint))
+        for mb in (1, 2)
+    )
+    return Cost(int(2 * p1 - p2), float(p2 - p1))
+
+
 def gradient(model_name: str, row: Row, device: torch.device, batch: int, crop: int) -> torch.Tensor:
     """The flattened gradient of one micro-batch at fixed weights, data and dropout masks."""
     model = build_model(model_name, row, device)
@@ -102,8 +118,7 @@ def main() -> None:
     reference = gradient(args.model, CONFIGS[0], device, 1, min(args.crop, 16_000))
     rows = []
     for row in configs:
-        cost = technique_costs(args.model, [Technique(row.precision, row.checkpoint, row.optimizer)])
-        cost = next(iter(cost.values())) if row.lean else None  # the planner only plans with the lean blocks
+        cost = row_cost(args.model, row)
         cosine = torch.nn.functional.cosine_similarity(
             gradient(args.model, row, device, 1, min(args.crop, 16_000)), reference, dim=0
         ).item()
@@ -127,7 +142,7 @@ def main() -> None:
                 "micro_batch": micro,
                 "crop": args.crop,
                 "measured_peak_bytes": mem.peak_bytes,
-                "predicted_peak_bytes": int(cost.peak(micro, args.crop)) if cost else None,
+                "predicted_peak_bytes": int(cost.peak(micro, args.crop)),
                 "rss_peak_bytes": mem.rss_peak_bytes,
                 "cuda_peak_reserved_bytes": mem.cuda_peak_reserved,
                 "step_s": round(mem.step_s, 3),
@@ -167,7 +182,8 @@ def write_markdown(rows: list[dict], path: Path, command: str) -> None:
         f"{r0['model']}, crop {r0['crop']:,}.",
         "",
         "Measured = exact live-tensor peak of one steady-state training step; predicted = the planner's memory model "
-        "(fixed + slope from the fake-tensor estimator at micro-batch 1 and 2); slope = measured MiB per extra sample.",
+        "(fixed + slope from the fake-tensor estimator at micro-batch 1 and 2, crop 64,600, scaled linearly to the row); "
+        "slope = measured MiB per extra sample. Step times on a shared 2-core CPU: compare within one file only.",
         "",
         "| precision | blocks | checkpoint | optimizer | micro | measured MiB | predicted MiB | error | slope MiB/sample "
         "| RSS MiB | s/step | samples/s | grad cos vs fp32 |",
@@ -176,12 +192,12 @@ def write_markdown(rows: list[dict], path: Path, command: str) -> None:
     for r in rows:
         key = (r["precision"], r["checkpoint"], r["lean_blocks"], r["optimizer"])
         pred = r["predicted_peak_bytes"]
-        err = f"{100 * (pred - r['measured_peak_bytes']) / r['measured_peak_bytes']:+.2f}%" if pred else "—"
+        err = f"{100 * (pred - r['measured_peak_bytes']) / r['measured_peak_bytes']:+.2f}%"
         slope = f"{slopes[key] / MiB:.1f}" if key in slopes else "—"
         rss = f"{r['rss_peak_bytes'] / MiB:,.0f}" if r["rss_peak_bytes"] else "—"
         lines.append(
             f"| {r['precision']} | {'lean' if r['lean_blocks'] else 'stock'} | {r['checkpoint']} | {r['optimizer']} | "
-            f"{r['micro_batch']} | {r['measured_peak_bytes'] / MiB:,.1f} | {pred / MiB if pred else 0:,.1f} | {err} | "
+            f"{r['micro_batch']} | {r['measured_peak_bytes'] / MiB:,.1f} | {pred / MiB:,.1f} | {err} | "
             f"{slope} | {rss} | {r['step_s']:.2f} | {r['samples_per_s']:.2f} | {r['grad_cosine_vs_fp32']:.4f} |"
         )
     path.write_text("\n".join(lines) + "\n")
