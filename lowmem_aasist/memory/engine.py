@@ -22,9 +22,15 @@ from ..model import AASIST
 from ..storage import atomic_write_json
 from .device import DeviceFacts
 from .plan import REF_CROP, Cost, Overheads, Plan, Technique, best_plan
-from .techniques import POLICIES, apply_channels_last, apply_checkpointing, apply_lean_pooling
+from .techniques import apply_channels_last, apply_checkpointing, apply_lean_pooling
 
 CACHE_VERSION = 2
+
+AUTO_POLICIES = ("none", "block0-segments")
+"""Policies the planner weighs on its own. The others never win, measured (benchmarks/results/cpu/memory_matrix.md,
+AASIST at 64,600): ``gat`` has the peak of ``none`` (the graph layers hold ~1 MiB per sample) at a little more
+time; ``encoder`` is *above* ``none`` once the lean pool is in; ``all`` has the peak of ``block0-segments`` with
+more recompute. They stay available by name (``--checkpoint gat``), and leaving them out halves a first probe."""
 CALIBRATION_MICRO_BATCHES = (2, 4)
 
 
@@ -48,7 +54,7 @@ def candidate_techniques(
         precisions = ["fp32", "bf16" if facts.native_bf16 else "fp16"]
     else:
         precisions = ["fp32", "bf16"] if facts.native_bf16 else ["fp32"]
-    policies = list(POLICIES) if checkpoint == "auto" else [checkpoint]
+    policies = list(AUTO_POLICIES) if checkpoint == "auto" else [checkpoint]
     optimizers = ["adam"] if optimizer == "auto" else [optimizer]
     return [Technique(p, c, o) for p in precisions for c in policies for o in optimizers]
 
