@@ -24,7 +24,7 @@ from .device import DeviceFacts
 from .plan import REF_CROP, Cost, Overheads, Plan, Technique, best_plan
 from .techniques import apply_channels_last, apply_checkpointing, apply_lean_pooling
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 AUTO_POLICIES = ("none", "block0-segments")
 """Policies the planner weighs on its own. The others never win, measured (benchmarks/results/cpu/memory_matrix.md,
@@ -116,6 +116,7 @@ class Calibration:
 
 
 def _real_step_memory(model_name: str, device: torch.device, precision: str, micro_batch: int, crop: int):
+    """One tracked real step (CUDA calibration: allocator reserve against live tensors)."""
     from .measure import build_step, measure_step
 
     torch.manual_seed(0)
@@ -124,6 +125,23 @@ def _real_step_memory(model_name: str, device: torch.device, precision: str, mic
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     step = build_step(model, optimizer, micro_batch, crop, micro_batch, precision, device)
     return measure_step(step, model, optimizer, device)
+
+
+def _real_step_rss(model_name: str, precision: str, micro_batch: int, crop: int) -> int | None:
+    """Peak resident memory of one plain CPU training step after a warm-up step: run as ``fit`` runs it, with no
+    dispatch-mode tracker in the way; the live bytes to subtract come from the estimator, which is exact."""
+    from .measure import build_step, reset_rss_peak, rss_peak
+
+    torch.manual_seed(0)
+    model = AASIST(model_name)
+    prepare_model(model, "none")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    step = build_step(model, optimizer, micro_batch, crop, micro_batch, precision, torch.device("cpu"))
+    step()
+    if not reset_rss_peak():
+        return None
+    step()
+    return rss_peak()
 
 
 def _load_cache(cache: Path) -> dict:
@@ -152,22 +170,24 @@ def calibrate_overheads(
     if device.type == "cpu":
         release_freed_memory_promptly()  # as fit does: calibrate the process the run will be
     cache = cache or _cache_path()
+    lives = technique_costs(model_name, [Technique(p, "none", "adam") for p in precisions], cache=cache)
     stored = _load_cache(cache)
     scale = REF_CROP / crop
     overheads = {}
     for precision in precisions:
         key = f"overheads|v{CACHE_VERSION}|torch {torch.__version__}|{facts.kind}|{facts.name}|{model_name}|{precision}|{crop}"
         if key not in stored:
-            # Micro-batches 2 and 4: at 1 and 2 the resident excess grew by ~75 MiB per sample, yet a micro-batch-8
-            # run showed none beyond the fixed part, so the small end of the line misleads.
-            one, two = (_real_step_memory(model_name, device, precision, mb, crop) for mb in CALIBRATION_MICRO_BATCHES)
+            lo, hi = CALIBRATION_MICRO_BATCHES
             if device.type == "cuda":
+                two = _real_step_memory(model_name, device, precision, hi, crop)
                 slack = max((two.cuda_peak_reserved or two.peak_bytes) / max(two.peak_bytes, 1) - 1.0, 0.05)
                 stored[key] = {"base_bytes": facts.context_bytes, "per_sample_bytes": 0.0, "slack_fraction": slack}
             else:
-                extra1 = (one.rss_peak_bytes or one.peak_bytes) - one.peak_bytes
-                extra2 = (two.rss_peak_bytes or two.peak_bytes) - two.peak_bytes
-                lo, hi = CALIBRATION_MICRO_BATCHES
+                # Resident memory beyond live tensors: real RSS of plain steps minus the estimator's exact live peak.
+                live = lives[Technique(precision, "none", "adam")]
+                extra1, extra2 = (
+                    (_real_step_rss(model_name, precision, mb, crop) or 0) - live.peak(mb, crop) for mb in (lo, hi)
+                )
                 per_sample = max(extra2 - extra1, 0) / (hi - lo) * scale
                 base = max(extra1 - lo * per_sample / scale, 0)
                 stored[key] = {"base_bytes": int(base), "per_sample_bytes": per_sample, "slack_fraction": 0.0}
