@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from .config import Config
+from .config import Config, ConfigError
 from .data.asvspoof2019 import Split, read_split
 from .data.dataset import EpochSampler, TrainCrops, make_loader
 from .memory.device import resolve_device, resolve_precision
@@ -98,7 +98,7 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
         optimizer_name = "adam" if mc.optimizer == "auto" else mc.optimizer
         workers = tc.workers
     if tc.batch % micro_batch:
-        raise RunFolderError(f"--micro-batch {micro_batch} must divide the batch {tc.batch}")
+        raise ConfigError(f"--micro-batch {micro_batch} must divide the batch {tc.batch}")
     prepare_out_dir(out)
     resolved = {"device": str(dev), "precision": precision, "micro_batch": micro_batch, "crop": crop,
                 "checkpoint": checkpoint, "optimizer": optimizer_name, "workers": workers}

@@ -137,3 +137,10 @@ def test_demo_data_refuses_a_foreign_folder(tmp_path, capsys):
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
     assert main(["demo-data", str(tmp_path / "d"), "--n-train", "1"]) == 2
     assert "at least 2" in capsys.readouterr().err
+
+
+def test_micro_batch_must_divide_the_batch(corpus, tmp_path, capsys):
+    argv = ["fit", "--data", str(corpus), "--batch", "4", "--micro-batch", "3", "--crop", "4000", "--workers", "0",
+            "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "--micro-batch 3 must divide the batch 4" in capsys.readouterr().err
