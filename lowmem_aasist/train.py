@@ -68,9 +68,13 @@ def _plan_line(run_plan: RunPlan) -> str:
             f"{run_plan.budget_bytes / 2**20:,.0f} MiB budget")
 
 
-def prepare_out_dir(out: Path) -> None:
+def check_out_dir(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise RunFolderError(f"--out {out}: folder exists and is not empty; choose a new --out (runs are never overwritten)")
+
+
+def prepare_out_dir(out: Path) -> None:
+    check_out_dir(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out / "scores").mkdir(exist_ok=True)
 
@@ -83,6 +87,7 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
     # --- setup -------------------------------------------------------------------------------------------
     dev = resolve_device(device)
     train_split, dev_split = read_split(cfg.data.root, "train"), read_split(cfg.data.root, "dev")
+    check_out_dir(out)  # refuse before a minute of calibration, not after
     mc = cfg.memory
     run_plan = None
     if mc.budget:  # plan within the budget: the planner picks precision, micro-batch, checkpointing, optimizer
