@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import lowmem_aasist.memory.explain as explain_mod
 from lowmem_aasist.memory.engine import prepare_model
-from lowmem_aasist.memory.estimate import estimate_step_peak
+from lowmem_aasist.memory.estimate import estimate_step_peak, fake_module
 from lowmem_aasist.memory.explain import (
     FRONT_END,
     GRAPH,
@@ -55,10 +55,7 @@ def test_sections_add_up_to_what_the_forward_leaves_alive(precision, policy, lea
     apply_checkpointing(model, policy)
     saved = SavedBySection(model).install()
     mode = FakeTensorMode()
-    for module in model.modules():
-        for tensors in (module._parameters, module._buffers):
-            for name, t in tensors.items():
-                tensors[name] = mode.from_tensor(t)
+    fake_module(model, mode)
     with mode:
         x = torch.randn(2, CROP)
         tracker = LiveTensorTracker()

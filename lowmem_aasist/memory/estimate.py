@@ -50,7 +50,7 @@ def _adam8bit_saving(params: list[nn.Parameter]) -> int:
     return saving
 
 
-def _fake_module(model: nn.Module, mode: FakeTensorMode) -> None:
+def fake_module(model: nn.Module, mode: FakeTensorMode) -> None:
     """Swap every parameter and buffer for a fake tensor of the same size, dtype, strides and requires_grad."""
     for module in model.modules():
         for name, p in module._parameters.items():
@@ -96,7 +96,7 @@ def estimate_step_peak(
     if prepare is not None:
         prepare(model)
     mode = FakeTensorMode()
-    _fake_module(model, mode)
+    fake_module(model, mode)
     # Op count, hence time, grows with the number of micro-batches, not their size. Micro-batches after the first
     # repeat its memory exactly once gradients exist, so two full ones and the remainder, if any, go through every
     # state the step has (first, steady, short last, optimizer step); the rest of the batch only adds its share

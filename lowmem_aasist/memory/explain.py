@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..model import AASIST
+from .estimate import fake_module
 from .measure import build_step, tracked_step
 from .techniques import apply_checkpointing, apply_lean_pooling
 
@@ -168,16 +169,6 @@ class _NoStep(torch.optim.Optimizer):
         return None
 
 
-def _make_fake(model: nn.Module, mode: FakeTensorMode) -> None:
-    # Every parameter and buffer becomes a fake tensor of the same size, dtype, strides and requires_grad, as the
-    # estimator does, so the step never meets a real tensor.
-    for module in model.modules():
-        for tensors in (module._parameters, module._buffers):
-            for name, t in tensors.items():
-                if t is not None:
-                    tensors[name] = mode.from_tensor(t)
-
-
 def _run(
     model_name: str, crop: int, micro_batch: int, precision: str, policy: str, lean: bool
 ) -> tuple[int, dict[str, int]]:
@@ -195,7 +186,7 @@ def _run(
     apply_checkpointing(model, policy)
     saved = SavedBySection(model).install()
     mode = FakeTensorMode()
-    _make_fake(model, mode)
+    fake_module(model, mode)  # as the estimator does: the step never meets a real tensor
     with mode:
         opt = _NoStep(list(model.parameters()))
         step = build_step(model, opt, micro_batch, crop, micro_batch, precision, "cpu")
