@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -147,7 +148,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         d = cfg.demo
         root = Path(args.demo_dir or d.cache or default_demo_dir())
         _generate_demo(root, console, n_train=d.n_train, n_dev=d.n_dev, n_eval=d.n_eval, seed=d.seed, workers=2)
-        cfg = load_config(profile, {**_fit_overrides(args), "data.root": str(root)})
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     result = fit(cfg, out, device=args.device, console=console)
 

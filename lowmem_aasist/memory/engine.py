@@ -1,5 +1,5 @@
 """The memory engine's glue: candidate techniques for a device, their calibrated costs, the device's overheads,
-and the plan. ``probe`` and ``fit --budget`` both call :func:`make_plan`; the planner itself stays pure.
+and the plan. ``probe`` and ``fit --budget`` both call :func:`plan_run`; the planner itself stays pure.
 
 Costs come from the fake-tensor estimator (no real allocation, so probing never runs out of memory) at micro-batch
 1 and 2 of the recipe's crop: fixed part and slope per sample. Device overheads come from one small *real* step on
@@ -115,28 +115,31 @@ class Calibration:
         }
 
 
-def _real_step_memory(model_name: str, device: torch.device, precision: str, micro_batch: int, crop: int):
-    """One tracked real step (CUDA calibration: allocator reserve against live tensors)."""
-    from .measure import build_step, measure_step
+def _calibration_step(model_name: str, device: torch.device, precision: str, micro_batch: int, crop: int):
+    """The model ``fit`` would build (lean blocks, no checkpointing), its Adam and one training step."""
+    from .measure import build_step
 
     torch.manual_seed(0)
     model = AASIST(model_name).to(device)
     prepare_model(model, "none")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    step = build_step(model, optimizer, micro_batch, crop, micro_batch, precision, device)
+    return model, optimizer, build_step(model, optimizer, micro_batch, crop, micro_batch, precision, device)
+
+
+def _real_step_memory(model_name: str, device: torch.device, precision: str, micro_batch: int, crop: int):
+    """One tracked real step (CUDA calibration: allocator reserve against live tensors)."""
+    from .measure import measure_step
+
+    model, optimizer, step = _calibration_step(model_name, device, precision, micro_batch, crop)
     return measure_step(step, model, optimizer, device)
 
 
 def _real_step_rss(model_name: str, precision: str, micro_batch: int, crop: int) -> int | None:
     """Peak resident memory of one plain CPU training step after a warm-up step: run as ``fit`` runs it, with no
     dispatch-mode tracker in the way; the live bytes to subtract come from the estimator, which is exact."""
-    from .measure import build_step, reset_rss_peak, rss_peak
+    from .measure import reset_rss_peak, rss_peak
 
-    torch.manual_seed(0)
-    model = AASIST(model_name)
-    prepare_model(model, "none")
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    step = build_step(model, optimizer, micro_batch, crop, micro_batch, precision, torch.device("cpu"))
+    _, _, step = _calibration_step(model_name, torch.device("cpu"), precision, micro_batch, crop)
     step()
     if not reset_rss_peak():
         return None
@@ -202,18 +205,6 @@ def calibrate_overheads(
     return Calibration(overheads, f"{how}, from real steps at micro-batch {lo} and {hi}, crop {crop:,}")
 
 
-def make_plan(
-    budget_bytes: int,
-    costs: dict[Technique, Cost],
-    overheads: dict[str, Overheads],
-    effective_batch: int,
-    crop: int,
-    micro_batch: int = 0,
-) -> tuple[Plan, list[Plan]]:
-    """The best plan and all candidates; ``micro_batch`` > 0 forces it (the planner then chooses the rest)."""
-    return best_plan(budget_bytes, costs, overheads, effective_batch, crop, micro_batch=micro_batch)
-
-
 @dataclass(frozen=True)
 class RunPlan:
     """Everything ``probe`` prints and ``fit --budget`` follows (written to ``plan.json``)."""
@@ -266,5 +257,5 @@ def plan_run(
     techniques = candidate_techniques(facts, precision, checkpoint, optimizer)
     costs = technique_costs(model_name, techniques, channels_last, on_progress=on_progress)
     calibration = calibrate_overheads(facts, device, model_name, sorted({t.precision for t in techniques}), crop)
-    plan, candidates = make_plan(budget_bytes, costs, calibration.overheads, effective_batch, crop, micro_batch)
+    plan, candidates = best_plan(budget_bytes, costs, calibration.overheads, effective_batch, crop, micro_batch)
     return RunPlan(facts, budget_bytes, tuple(warnings), plan, tuple(candidates), calibration, model_name)
