@@ -16,6 +16,7 @@ from rich.table import Table
 
 from . import __version__
 from .config import CHECKPOINT_POLICIES
+from .data.corpora import LAYOUTS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -127,6 +128,8 @@ def _fit_overrides(args: argparse.Namespace) -> dict:
         "train.precision": args.precision,
         "train.workers": args.workers,
         "data.root": args.data,
+        "data.layout": args.layout,
+        "data.max_bad": args.max_bad,
         "memory.budget": args.budget,
         "memory.checkpoint": args.checkpoint,
         "memory.optimizer": args.optimizer,
@@ -140,7 +143,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .train import fit
 
     if args.demo == bool(args.data):
-        raise CLIError("fit: give exactly one of --data LA_ROOT (folder holding ASVspoof2019_LA_cm_protocols) or --demo")
+        raise CLIError("fit: give exactly one of --data ROOT (a corpus with train and dev splits) or --demo")
     profile = args.profile or ("demo" if args.demo else "aasist")
     cfg = load_config(profile, _fit_overrides(args))
     console = _stdout()
@@ -222,6 +225,52 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- check-data ------------------------------------------------------------------------------------------------
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from .data.check import check_data
+
+    err = _stderr()
+    report = check_data(args.data, args.layout, args.phase, args.deep, max(1, args.workers), err)
+    if args.json:
+        print(json.dumps(report))
+        return EXIT_FAILED if report["problems"] else EXIT_OK
+    out = _stdout()
+    out.print(f"{args.data}: layout {report['layout']}" + (" (every file decoded)" if args.deep else " (headers checked)"))
+    table = Table("split", "files", "bona fide", "spoof", "attacks", "hours", "sample rates", "problems")
+    for name, s in report["splits"].items():
+        attacks = ", ".join(f"{a} {n:,}" for a, n in s["attacks"].items())
+        rates = ", ".join(f"{int(r):,} Hz: {n:,}" for r, n in s["sample_rates"].items())
+        bona = f"{s['bonafide']:,}" + (f" (+{s['unlabeled']:,} unlabeled)" if "unlabeled" in s else "")
+        table.add_row(name, f"{s['files']:,}", bona, f"{s['spoof']:,}", attacks or "-", f"{s['hours']:.2f}", rates or "-",
+                      f"{s['problems']:,}")
+    out.print(table)
+    for p in report["problems"]:
+        out.print(f"{p['split']}: {p['path']}: {p['error']}")
+    if report["problems"]:
+        out.print(f"{len(report['problems']):,} problem(s); training skips these files (fit --max-bad sets how many it accepts)")
+        return EXIT_FAILED
+    out.print("no problems found" + ("" if args.deep else " (--deep also decodes every file)"))
+    return EXIT_OK
+
+
+# --- evaluate --------------------------------------------------------------------------------------------------
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .metrics import evaluate, format_evaluation, read_asv_scores, read_cm_scores
+
+    cm = read_cm_scores(args.scores)
+    asv = read_asv_scores(args.asv_scores) if args.asv_scores else None
+    result = evaluate(cm, asv)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        _stdout().print(format_evaluation(result), highlight=False, markup=False)
+    return EXIT_OK
+
+
 # --- parser ----------------------------------------------------------------------------------------------------
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -229,6 +278,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "fit": cmd_fit,
     "demo-data": cmd_demo_data,
     "probe": cmd_probe,
+    "check-data": cmd_check_data,
+    "evaluate": cmd_evaluate,
 }
 
 
@@ -252,8 +303,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--batch", type=int, default=8, help="clips (or windows) per forward pass (default 8)")
 
-    p = sub.add_parser("fit", help="train on ASVspoof 2019 LA (--data) or the built-in demo corpus (--demo)")
-    p.add_argument("--data", help="folder holding ASVspoof2019_LA_cm_protocols/")
+    p = sub.add_parser("fit", help="train on a corpus with train and dev splits (--data) or the built-in demo (--demo)")
+    p.add_argument("--data", help="corpus folder: ASVspoof 2019 LA or ASVspoof 5 (the layout is recognised by its files)")
+    p.add_argument("--layout", choices=["auto", *LAYOUTS], help="force the corpus layout (default: recognised)")
+    p.add_argument("--max-bad", help="stop before training when more of a split is missing or unreadable: a "
+                                     "percentage (default 5%%) or a count")
     p.add_argument("--demo", action="store_true", help="generate (once) and train on the synthetic demo corpus")
     p.add_argument("--demo-dir", help=f"where the demo corpus is cached (default {default_demo_dir()})")
     p.add_argument("--profile", help="TOML profile: a path or a name in profiles/ (default: aasist, or demo with --demo)")
@@ -298,6 +352,20 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object: device, budget_bytes, plan, candidates")
     p.add_argument("--explain", action="store_true", help="where memory goes, per module, and what each technique saves")
 
+    p = sub.add_parser("check-data", help="count a corpus (per split, per attack, hours) and find bad audio")
+    p.add_argument("--data", required=True, help="corpus folder or list file")
+    p.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS], help="force the layout (default: recognised)")
+    p.add_argument("--phase", default="eval", choices=["progress", "eval", "hidden_track", "all"],
+                   help="ASVspoof 2021 only: which phase's trials (default eval)")
+    p.add_argument("--deep", action="store_true", help="decode every file in full (truncation, NaN/Inf samples)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads for --deep")
+    p.add_argument("--json", action="store_true", help="one JSON object: layout, splits, problems")
+
+    p = sub.add_parser("evaluate", help="EER, min t-DCF and per-attack EER of a score file (ASVspoof 2019 rules)")
+    p.add_argument("--scores", required=True, help="CM score file: 'UTT ATTACK bonafide|spoof SCORE' per line")
+    p.add_argument("--asv-scores", help="ASV score file ('SPEAKER target|nontarget|spoof SCORE'), for min t-DCF")
+    p.add_argument("--json", action="store_true", help='one JSON object {"eer", "min_tdcf", "per_attack", "counts"}')
+
     assert set(sub.choices) == set(COMMANDS), "every subcommand needs a handler"
     return parser
 
@@ -305,11 +373,13 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .audio import AudioError
     from .config import ConfigError
-    from .data.asvspoof2019 import ProtocolError
+    from .data.corpora import LayoutError, ProtocolError
+    from .data.index import TooManyBadFiles
     from .memory.budget import BudgetError
     from .memory.device import DeviceError
     from .memory.optim import OptimizerError
     from .memory.plan import NoPlanError
+    from .metrics import ScoreFileError
     from .model import WeightsError
     from .train import RunFolderError
 
@@ -317,13 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     from .memory.enforce import enable_expandable_segments
 
     enable_expandable_segments()  # before anything touches CUDA
-    usage_errors = (CLIError, ConfigError, DeviceError, RunFolderError, BudgetError, NoPlanError, OptimizerError)
+    usage_errors = (CLIError, ConfigError, DeviceError, RunFolderError, BudgetError, NoPlanError, OptimizerError,
+                    LayoutError)
     try:
         return COMMANDS[args.command](args)
     except usage_errors as exc:
         _stderr().print(f"error: {exc}")
         return EXIT_USAGE
-    except (WeightsError, ProtocolError, AudioError) as exc:
+    except (WeightsError, ProtocolError, AudioError, TooManyBadFiles, ScoreFileError) as exc:
         _stderr().print(f"error: {exc}")
         return EXIT_FAILED
     except KeyboardInterrupt:

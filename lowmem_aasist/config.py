@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data.corpora import LAYOUTS
+from .data.index import parse_max_bad
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -82,7 +85,11 @@ class TrainConfig:
 @dataclass(frozen=True)
 class DataConfig:
     root: str = ""
-    """Folder holding ASVspoof2019_LA_cm_protocols (empty: --data or --demo must say)."""
+    """The corpus folder (or list file); empty: --data or --demo must say."""
+    layout: str = "auto"
+    """Corpus layout, recognised from the folder's files (auto) or forced: asvspoof2019-la, asvspoof5, ..."""
+    max_bad: str = "5%"
+    """Stop before training when more of a split than this is missing or unreadable: a percentage or a count."""
     eval_samples: int = 64_600
     """Input length for dev scoring: the first N samples, short clips tiled (64,600 = the reference input)."""
     dev_batch: int = 16
@@ -93,6 +100,12 @@ class DataConfig:
             errors.append(f"data.eval_samples must be >= 1, got {self.eval_samples}")
         if self.dev_batch < 1:
             errors.append(f"data.dev_batch must be >= 1, got {self.dev_batch}")
+        if self.layout != "auto" and self.layout not in LAYOUTS:
+            errors.append(f"data.layout must be auto or one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        try:
+            parse_max_bad(self.max_bad)
+        except ValueError as exc:
+            errors.append(f"data.max_bad: {exc}")
         return errors
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from .audio import EVAL_SAMPLES, AudioError, eval_input, iter_windows
-from .data.asvspoof2019 import Split
 from .data.dataset import EvalInputs, make_loader
+from .data.split import Split
 from .memory.device import autocast_dtype
 from .storage import atomic_write_text
 
@@ -68,7 +68,7 @@ def score_split(
 
 def write_score_file(path: str | Path, split: Split, scores: np.ndarray) -> int:
     """Write ``utt attack key score`` lines (the reference CM score format); unscored utterances are left out."""
-    keys = np.where(split.label == 1, "bonafide", "spoof")
+    keys = np.where(split.label == 1, "bonafide", np.where(split.label == 0, "spoof", "-"))  # "-": no key
     lines = [
         f"{u} {a} {k} {s:.6f}" for u, a, k, s in zip(split.utt, split.attack, keys, scores, strict=True) if np.isfinite(s)
     ]

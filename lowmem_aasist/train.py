@@ -18,8 +18,11 @@ import torch
 from rich.console import Console
 
 from .config import Config, ConfigError
-from .data.asvspoof2019 import Split, read_split
+from .data.corpora import has_training_splits, resolve_layout
 from .data.dataset import EpochSampler, TrainCrops, make_loader
+from .data.index import check_max_bad
+from .data.load import load_split, resampling_note
+from .data.split import Split
 from .memory.device import resolve_device, resolve_precision
 from .memory.enforce import PeakReader, enforce_budget
 from .memory.engine import RunPlan, plan_run, prepare_model
@@ -86,8 +89,18 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
 
     # --- setup -------------------------------------------------------------------------------------------
     dev = resolve_device(device)
-    train_split, dev_split = read_split(cfg.data.root, "train"), read_split(cfg.data.root, "dev")
-    check_out_dir(out)  # refuse before a minute of calibration, not after
+    root = cfg.data.root
+    layout = resolve_layout(root, cfg.data.layout)
+    if not has_training_splits(layout):
+        raise ConfigError(f"--data {root} is {layout.describe()} (layout {layout.name}): it has no train and dev "
+                          "splits to fit on; score it with `lowmem-aasist eval`")
+    check_out_dir(out)  # refuse before indexing and a minute of calibration, not after
+    indexed = [load_split(root, name, layout.name, console=console) for name in ("train", "dev")]
+    for ix in indexed:  # too much bad audio means the wrong folder or a broken copy: stop before any training
+        check_max_bad(len(ix.problems), len(ix.split), cfg.data.max_bad, ix.split.name, data_root=root)
+    train_split, dev_split = (ix.split for ix in indexed)
+    if note := resampling_note([train_split, dev_split]):
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     mc = cfg.memory
     run_plan = None
     if mc.budget:  # plan within the budget: the planner picks precision, micro-batch, checkpointing, optimizer
@@ -124,9 +137,10 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
     def autocast():
         return autocast_ctx(dev, precision)
 
-    sampler = EpochSampler(len(train_split), tc.seed)
-    loader = make_loader(TrainCrops(train_split, crop, tc.seed), tc.batch, workers, sampler, dev.type == "cuda")
-    steps_per_epoch = math.ceil(len(train_split) / tc.batch)
+    train_data = TrainCrops(train_split, crop, tc.seed)
+    sampler = EpochSampler(train_data.readable, tc.seed)
+    loader = make_loader(train_data, tc.batch, workers, sampler, dev.type == "cuda")
+    steps_per_epoch = math.ceil(len(train_data.readable) / tc.batch)
     total_steps = tc.epochs * steps_per_epoch if tc.max_steps == 0 else min(tc.max_steps, tc.epochs * steps_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, tc.lr, tc.min_lr) / tc.lr)
     peaks = PeakReader(dev)
@@ -145,7 +159,11 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
             return
         reported.add((split.name, index))
         console.print(f"[yellow]skipped[/yellow] {message}", highlight=False)
-        append_jsonl(problems_path, {"split": split.name, "path": str(split.path[index]), "error": message})
+        append_jsonl(problems_path, {"split": split.name, "path": split.path[index], "error": message})
+
+    for ix in indexed:  # found by the index: never sampled, reported once here
+        for problem in ix.problems:
+            report_problem(ix.split, problem.index, f"{problem.path}: {problem.reason}")
 
     # --- loop ----------------------------------------------------------------------------------------------
     step, epoch, best_eer, best_epoch, dev_eers, loss_value = 0, 0, math.inf, -1, [], math.nan

@@ -14,6 +14,15 @@ REFERENCE = SHARED / "reference"
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    # Audio indexes, calibrated costs and the demo corpus go to a throwaway cache, never the user's home.
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     if not (WEIGHTS / "AASIST.pth").is_file() or not (REFERENCE / "scores.jsonl").is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,8 +11,9 @@ import torch
 
 from lowmem_aasist.cli import main
 from lowmem_aasist.config import load_config
-from lowmem_aasist.data.asvspoof2019 import ProtocolError, read_split
+from lowmem_aasist.data.corpora import LayoutError, read_split
 from lowmem_aasist.data.demo import make_demo_corpus
+from lowmem_aasist.data.index import TooManyBadFiles
 from lowmem_aasist.model import load_model
 from lowmem_aasist.train import RunFolderError, fit
 
@@ -65,7 +67,7 @@ def test_refuses_non_empty_out_and_missing_data(corpus, tmp_path):
     (out / "something").write_text("x")
     with pytest.raises(RunFolderError, match="not empty"):
         fit(_quick_cfg(corpus, max_steps=1), out)
-    with pytest.raises(ProtocolError, match="protocol not found"):
+    with pytest.raises(LayoutError, match="no such folder"):
         fit(_quick_cfg(tmp_path / "nowhere", max_steps=1), tmp_path / "run2")
 
 
@@ -79,12 +81,18 @@ def test_bad_audio_is_skipped_and_reported(corpus, tmp_path):
     open(broken[0], "wb").close()  # empty
     with open(broken[1], "wb") as f:
         f.write(b"fLaC not really")
+    with pytest.raises(TooManyBadFiles, match=r"train: 2 of 24 files \(8.3%\) are missing or unreadable.*check-data"):
+        fit(_quick_cfg(root, epochs=1), tmp_path / "refused")  # 2 of 24 is over the default --max-bad 5%
+    assert not (tmp_path / "refused").exists()
     out = tmp_path / "run"
-    result = fit(_quick_cfg(root, epochs=1), out)
-    assert result.steps == 6  # 24 utterances / 4: batches with a bad item shrink, none is lost entirely
+    cfg = dataclasses.replace(_quick_cfg(root, epochs=1), data=dataclasses.replace(_quick_cfg(root).data, max_bad="2"))
+    result = fit(cfg, out)
+    assert result.steps == 6  # the 22 readable utterances in full batches of 4 (and one of 2)
     problems = [json.loads(line) for line in (out / "data_problems.jsonl").read_text().splitlines()]
     assert sorted(p["path"] for p in problems) == sorted(broken)
     assert all(p["split"] == "train" and p["error"] for p in problems)
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(steps) == 6
 
 
 def test_short_demo_fit_makes_loss_fall(tmp_path):

@@ -1,8 +1,9 @@
 """Streaming datasets: each item decodes only the window it needs, straight from disk.
 
 Training items are random crops whose position is a pure function of (seed, epoch, index), so a run is the same
-whatever the number of DataLoader workers. Unreadable audio never reaches the model: the item comes back as a
-problem record and the collate function drops it (and the trainer reports it once).
+whatever the number of DataLoader workers. Lengths come from the split's index (file headers read once), so an
+item opens its file once and decodes only its window. Unreadable audio never reaches the model: a training item
+is replaced by another utterance and the failure travels with the batch for the trainer to report once.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..audio import AudioError, audio_info, read_segment, tile
-from .asvspoof2019 import Split
+from .split import Split
 
 
 def crop_start(n_frames: int, crop: int, rng: np.random.Generator) -> int:
@@ -24,15 +25,25 @@ def crop_start(n_frames: int, crop: int, rng: np.random.Generator) -> int:
     return int(rng.integers(0, n_frames - crop + 1)) if n_frames > crop else 0
 
 
-def read_window(path: str, start: int, length: int) -> np.ndarray:
-    """``length`` samples from ``start``; a clip shorter than that is tiled end to end (the reference rule)."""
-    info = audio_info(path)
-    available = info.frames_16k
+def read_window(path: str, start: int, length: int, available: int | None = None) -> np.ndarray:
+    """``length`` samples from ``start``; a clip shorter than that is tiled end to end (the reference rule).
+    ``available`` is the file's length from the index, which saves opening its header twice."""
+    if available is None:
+        available = audio_info(path).frames_16k
     if available <= 0:
         raise AudioError(path, "empty file (0 samples)")
-    if start + length <= available:
-        return read_segment(path, start, length, info)
-    return tile(read_segment(path, 0, available, info), length)
+    try:
+        if start + length <= available:
+            return read_segment(path, start, length)
+        return tile(read_segment(path, 0, available), length)
+    except ValueError:  # a window past the end: the file shrank after it was indexed
+        raise AudioError(path, "file changed since it was indexed (shorter now); run again to re-index") from None
+
+
+def _frames(split: Split) -> np.ndarray:
+    if split.frames is None:
+        raise ValueError(f"split {split.name!r} has no frame counts; index it first (data.index.index_split)")
+    return split.frames
 
 
 @dataclass(frozen=True)
@@ -40,31 +51,54 @@ class Batch:
     wave: torch.Tensor  # [B, T] float32
     label: torch.Tensor  # [B] int64
     index: torch.Tensor  # [B] int64, positions in the split
-    problems: tuple[tuple[int, str], ...]  # (index, "path: reason") of items dropped from this batch
+    problems: tuple[tuple[int, str], ...]  # (index, "path: reason") of items that could not be read
+
+
+Item = tuple[int, "np.ndarray | None", tuple[tuple[int, str], ...]]
+"""(index read, its samples or None, problems met on the way)."""
+
+MAX_SUBSTITUTES = 8
 
 
 class TrainCrops(Dataset):
-    """Random ``crop``-sample windows of a split; keys are (index, epoch) pairs from :class:`EpochSampler`."""
+    """Random ``crop``-sample windows of an indexed split; keys are (index, epoch) pairs from :class:`EpochSampler`.
+
+    An item that cannot be read is replaced by another readable utterance drawn from the same (seed, epoch,
+    index) stream, so its batch stays full, nothing unreadable reaches the model, and the substitute is the
+    same whatever the number of workers. The failure travels with the item so the trainer reports it.
+    """
 
     def __init__(self, split: Split, crop: int, seed: int) -> None:
         self.split, self.crop, self.seed = split, crop, seed
+        self.frames = _frames(split)
+        self.readable = np.flatnonzero(self.frames > 0)
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, np.ndarray | str]:
+    def _read(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        n = int(self.frames[index])
+        return read_window(self.split.path[index], crop_start(n, self.crop, rng), self.crop, n)
+
+    def __getitem__(self, key: tuple[int, int]) -> Item:
         index, epoch = key
-        path = str(self.split.path[index])
-        try:
-            n_frames = audio_info(path).frames_16k
-            start = crop_start(n_frames, self.crop, np.random.default_rng([self.seed, epoch, index]))
-            return index, read_window(path, start, self.crop)
-        except AudioError as exc:
-            return index, str(exc)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        problems: list[tuple[int, str]] = []
+        candidate = index
+        for _ in range(MAX_SUBSTITUTES + 1):
+            try:
+                return candidate, self._read(candidate, rng), tuple(problems)
+            except AudioError as exc:
+                problems.append((candidate, str(exc)))
+            if not len(self.readable):
+                break
+            candidate = int(self.readable[rng.integers(len(self.readable))])
+        return index, None, tuple(problems)
 
 
 class EvalInputs(Dataset):
-    """The evaluation input of each utterance: its first ``samples`` samples, short clips tiled."""
+    """The evaluation input of each utterance: its first ``samples`` samples, short clips tiled. Unreadable
+    utterances come back without samples (no substitute: every utterance needs its own score)."""
 
     def __init__(self, split: Split, samples: int) -> None:
         self.split, self.samples = split, samples
@@ -72,34 +106,38 @@ class EvalInputs(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray | str]:
+    def __getitem__(self, index: int) -> Item:
+        known = None if self.split.frames is None else int(self.split.frames[index])
         try:
-            return index, read_window(str(self.split.path[index]), 0, self.samples)
+            if known is not None and known <= 0:
+                raise AudioError(self.split.path[index], "unreadable when indexed")
+            return index, read_window(self.split.path[index], 0, self.samples, known), ()
         except AudioError as exc:
-            return index, str(exc)
+            return index, None, ((index, str(exc)),)
 
 
 class EpochSampler(Sampler):
-    """A fresh permutation per epoch from (seed, epoch), yielding (index, epoch) keys; ``skip`` resumes mid-epoch."""
+    """A fresh permutation of ``indices`` per epoch from (seed, epoch), yielding (index, epoch) keys; ``skip``
+    resumes mid-epoch."""
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+    def __init__(self, indices: np.ndarray, seed: int) -> None:
+        self.indices, self.seed, self.epoch, self.skip = np.asarray(indices, dtype=np.int64), seed, 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.n - self.skip
+        return max(len(self.indices) - self.skip, 0)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = np.random.default_rng([self.seed, self.epoch, 0x5EED]).permutation(self.n)
+        order = np.random.default_rng([self.seed, self.epoch, 0x5EED]).permutation(self.indices)
         for i in order[self.skip :]:
             yield int(i), self.epoch
 
 
-def collate(items: list[tuple[int, np.ndarray | str]], labels: np.ndarray) -> Batch:
-    good = [(i, x) for i, x in items if not isinstance(x, str)]
-    problems = tuple((i, x) for i, x in items if isinstance(x, str))
+def collate(items: list[Item], labels: np.ndarray) -> Batch:
+    good = [(i, x) for i, x, _ in items if x is not None]
+    problems = tuple(p for _, _, found in items for p in found)
     if good:
         index = torch.tensor([i for i, _ in good], dtype=torch.int64)
         wave = torch.from_numpy(np.stack([x for _, x in good]))
@@ -113,7 +151,7 @@ class _Collate:
     def __init__(self, labels: np.ndarray) -> None:
         self.labels = labels
 
-    def __call__(self, items: list[tuple[int, np.ndarray | str]]) -> Batch:
+    def __call__(self, items: list[Item]) -> Batch:
         return collate(items, self.labels)
 
 
