@@ -2,11 +2,22 @@
 
 EER: sort all scores (stable), sweep the threshold over every score (plus one below all), take the point where
 the miss rate of bona fide and the false-alarm rate of spoofs are closest, and report their mean.
+min t-DCF: the 2019 tandem detection cost of the CM in front of a fixed ASV system (see min_tdcf).
+Score files: the reference's CM layout `UTT ATTACK KEY SCORE` and ASV layout `SPEAKER KEY SCORE`, read with
+one-line, line-numbered errors.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike
 
 
 def det_curve(bonafide: np.ndarray, spoof: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -41,3 +52,314 @@ def eer_percent(scores: np.ndarray, labels: np.ndarray) -> float:
     """EER in percent of scores (higher = bona fide) against labels (1 bona fide, 0 spoof)."""
     scores, labels = np.asarray(scores), np.asarray(labels)
     return 100.0 * compute_eer(scores[labels == 1], scores[labels == 0])[0]
+
+
+# --- t-DCF ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TdcfCost:
+    """The t-DCF cost model (priors and costs) of the ASVspoof 2019 evaluation plan.
+
+    c_miss and c_fa are the ASV-only costs the reference carries alongside the others; the 2019 t-DCF reads only
+    the _asv and _cm costs, so they do not enter the value.
+    """
+
+    p_spoof: float = 0.05
+    p_tar: float = (1 - 0.05) * 0.99
+    p_non: float = (1 - 0.05) * 0.01
+    c_miss: float = 1.0
+    c_fa: float = 10.0
+    c_miss_asv: float = 1.0
+    c_fa_asv: float = 10.0
+    c_miss_cm: float = 1.0
+    c_fa_cm: float = 10.0
+
+
+ASVSPOOF2019_COST = TdcfCost()
+
+
+@dataclass(frozen=True)
+class AsvErrorRates:
+    """ASV error rates at a fixed ASV threshold; pmiss_spoof is None when there were no spoof trials."""
+
+    pfa: float
+    pmiss: float
+    pmiss_spoof: float | None
+    threshold: float
+
+
+def asv_error_rates(target: ArrayLike, nontarget: ArrayLike, spoof: ArrayLike) -> AsvErrorRates:
+    """ASV error rates at the ASV's own EER threshold, as the ASVspoof 2019 reference evaluation fixes it.
+
+    threshold = compute_eer(target, nontarget)[1]; then
+      pfa         = fraction of nontarget scores >= threshold (accepted impostors),
+      pmiss       = fraction of target scores < threshold (rejected targets),
+      pmiss_spoof = fraction of spoof scores < threshold (spoofs the ASV alone already rejects).
+    These inequalities are the reference's: a score equal to the threshold counts as accepted here, although the
+    EER sweep in det_curve counts it as rejected, so pmiss can differ from the miss rate at the EER point.
+    """
+    target = np.asarray(target, dtype=np.float64).ravel()
+    nontarget = np.asarray(nontarget, dtype=np.float64).ravel()
+    spoof = np.asarray(spoof, dtype=np.float64).ravel()
+    if target.size == 0 or nontarget.size == 0:
+        raise ValueError("ASV error rates need at least one target and one nontarget score")
+    threshold = compute_eer(target, nontarget)[1]
+    return AsvErrorRates(
+        pfa=float(np.mean(nontarget >= threshold)),
+        pmiss=float(np.mean(target < threshold)),
+        pmiss_spoof=float(np.mean(spoof < threshold)) if spoof.size else None,
+        threshold=threshold,
+    )
+
+
+def tdcf_weights(asv: AsvErrorRates, cost: TdcfCost = ASVSPOOF2019_COST) -> tuple[float, float]:
+    """(C1, C2) of the 2019 t-DCF: C1 weighs the CM miss rate, C2 the CM false-alarm rate.
+
+    C1 = Ptar * (Cmiss_cm - Cmiss_asv * Pmiss_asv) - Pnon * Cfa_asv * Pfa_asv
+    C2 = Cfa_cm * Pspoof * (1 - Pmiss_spoof_asv)
+    """
+    if asv.pmiss_spoof is None:
+        raise ValueError(
+            "t-DCF needs the ASV miss rate of spoof trials, but the ASV scores have no spoof trials"
+        )
+    c1 = cost.p_tar * (cost.c_miss_cm - cost.c_miss_asv * asv.pmiss) - cost.p_non * cost.c_fa_asv * asv.pfa
+    c2 = cost.c_fa_cm * cost.p_spoof * (1 - asv.pmiss_spoof)
+    return float(c1), float(c2)
+
+
+def min_tdcf(
+    bonafide_cm: ArrayLike, spoof_cm: ArrayLike, asv: AsvErrorRates, cost: TdcfCost = ASVSPOOF2019_COST
+) -> tuple[float, float]:
+    """(normalised minimum t-DCF, CM threshold where it is reached), as the ASVspoof 2019 evaluation computes it.
+
+    The 2019 t-DCF (Kinnunen et al., Odyssey 2018; ASVspoof 2019 evaluation plan) with the ASV fixed at the
+    operating point `asv` and the CM threshold s swept like det_curve (higher CM score = bona fide):
+
+        t-DCF(s)      = C1 * Pmiss_cm(s) + C2 * Pfa_cm(s)        (C1, C2 from tdcf_weights)
+        t-DCF_norm(s) = t-DCF(s) / min(C1, C2)
+        min t-DCF     = min over s of t-DCF_norm(s), first minimum on ties (numpy argmin)
+
+    min(C1, C2) is the cost of the better of the two CMs that accept everything (Pmiss_cm 0, Pfa_cm 1) or reject
+    everything (1, 0); the sweep contains both points, so the result is at most 1. Because the sweep walks the
+    sorted scores one at a time, tied scores yield intermediate points no real threshold reaches (as the reference).
+
+    Raises ValueError (one line) where the reference stops: priors negative or not summing to one, no spoof ASV
+    trials, NaN/inf CM scores, fewer than 3 distinct CM scores (decisions, not scores), C1 or C2 negative; and also
+    when min(C1, C2) is 0, where the normalisation is undefined. Negative costs only warn, as in the reference.
+    """
+    bonafide_cm = np.asarray(bonafide_cm, dtype=np.float64).ravel()
+    spoof_cm = np.asarray(spoof_cm, dtype=np.float64).ravel()
+    costs = (cost.c_fa_asv, cost.c_miss_asv, cost.c_fa_cm, cost.c_miss_cm)
+    if min(costs) < 0:
+        warnings.warn("t-DCF costs are usually non-negative; got a negative one", stacklevel=2)
+    priors = (cost.p_tar, cost.p_non, cost.p_spoof)
+    if min(priors) < 0 or abs(sum(priors) - 1) > 1e-10:
+        raise ValueError(
+            f"t-DCF priors must be non-negative and sum to 1, got Ptar+Pnon+Pspoof = {sum(priors)!r}"
+        )
+    c1, c2 = tdcf_weights(asv, cost)
+    both = np.concatenate([bonafide_cm, spoof_cm])
+    if not np.isfinite(both).all():
+        raise ValueError("CM scores contain NaN or infinite values")
+    if np.unique(both).size < 3:
+        raise ValueError("t-DCF needs soft CM scores (at least 3 distinct values), not hard decisions")
+    if c1 < 0 or c2 < 0:
+        raise ValueError(
+            f"t-DCF weights must be non-negative, got C1 = {c1:.6g}, C2 = {c2:.6g}: check the ASV error rates {asv}"
+        )
+    if min(c1, c2) == 0:
+        raise ValueError(f"t-DCF cannot be normalised: min(C1, C2) is 0 (C1 = {c1:.6g}, C2 = {c2:.6g})")
+    miss, false_alarm, thresholds = det_curve(bonafide_cm, spoof_cm)
+    normalised = (c1 * miss + c2 * false_alarm) / min(c1, c2)
+    i = int(np.argmin(normalised))
+    return float(normalised[i]), float(thresholds[i])
+
+
+# --- score files ---------------------------------------------------------------------------------------------
+
+
+class ScoreFileError(ValueError):
+    """A score file that cannot be read or parsed; the message is one line naming the file (and line)."""
+
+
+@dataclass(frozen=True, eq=False)
+class CmScores:
+    """A CM score file: one trial per entry; key is 1 for bona fide, 0 for spoof; higher score = bona fide."""
+
+    utt: list[str]
+    attack: list[str]
+    key: np.ndarray
+    score: np.ndarray
+
+    def __post_init__(self) -> None:
+        sizes = {len(self.utt), len(self.attack), len(self.key), len(self.score)}
+        if len(sizes) != 1:
+            raise ValueError(f"CmScores fields differ in length: {sorted(sizes)}")
+
+
+@dataclass(frozen=True, eq=False)
+class AsvScores:
+    """ASV scores split by trial type (higher score = same speaker)."""
+
+    target: np.ndarray
+    nontarget: np.ndarray
+    spoof: np.ndarray
+
+
+_CM_FORMAT = "UTT ATTACK bonafide|spoof SCORE"
+_ASV_FORMAT = "SPEAKER target|nontarget|spoof SCORE"
+
+
+def _shorten(line: str, limit: int = 80) -> str:
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _numbered_lines(path: str | os.PathLike[str]) -> list[tuple[int, str]]:
+    """(1-based line number, stripped text) of every non-blank line; ScoreFileError if unreadable or empty.
+
+    Only '\\n' ends a line (with an optional '\\r' before it), so the numbers match what an editor shows even if a
+    line holds a stray form feed or other character str.splitlines would also break on.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ScoreFileError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ScoreFileError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        lineno = raw.count(b"\n", 0, e.start) + 1
+        raise ScoreFileError(f"{path}:{lineno}: not UTF-8 text") from None
+    lines = [(n, line.strip()) for n, line in enumerate(text.split("\n"), start=1) if line.strip()]
+    if not lines:
+        raise ScoreFileError(f"{path}: no scores (the file is empty)")
+    return lines
+
+
+def _parse_score(field: str) -> float | None:
+    """The float in field, or None if it is not a finite number (a NaN or inf score cannot be ranked)."""
+    try:
+        value = float(field)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def read_cm_scores(path: str | os.PathLike[str]) -> CmScores:
+    """Read a CM score file in the ASVspoof 2019 reference layout: `UTT ATTACK KEY SCORE` per line.
+
+    KEY is bonafide or spoof; ATTACK is the attack id (A01..A19) for spoofs and anything (usually '-') for bona
+    fide; fields are separated by any whitespace and blank lines are skipped. Errors are ScoreFileError with one
+    line '<path>:<line>: ...': a wrong field count, a bad key, a score that is not a finite number, an utterance
+    scored twice (a concatenated or duplicated file would otherwise silently double-count trials).
+    """
+    utts: list[str] = []
+    attacks: list[str] = []
+    keys: list[int] = []
+    scores: list[float] = []
+    first_seen: dict[str, int] = {}
+    for lineno, line in _numbered_lines(path):
+        fields = line.split()
+        score = _parse_score(fields[3]) if len(fields) == 4 else None
+        if score is None or fields[2] not in ("bonafide", "spoof"):
+            raise ScoreFileError(f"{path}:{lineno}: expected '{_CM_FORMAT}', got '{_shorten(line)}'")
+        utt = fields[0]
+        if utt in first_seen:
+            raise ScoreFileError(
+                f"{path}:{lineno}: utterance '{_shorten(utt)}' already scored on line {first_seen[utt]}"
+            )
+        first_seen[utt] = lineno
+        utts.append(utt)
+        attacks.append(fields[1])
+        keys.append(1 if fields[2] == "bonafide" else 0)
+        scores.append(score)
+    return CmScores(utts, attacks, np.array(keys, dtype=np.int8), np.array(scores, dtype=np.float64))
+
+
+def read_asv_scores(path: str | os.PathLike[str]) -> AsvScores:
+    """Read an ASVspoof 2019 ASV score file (e.g. ASVspoof2019.LA.asv.eval.gi.trl.scores.txt).
+
+    Layout as the 2019 reference reads it: `SPEAKER KEY SCORE` per line, KEY target, nontarget or spoof. Errors
+    are ScoreFileError, one line, '<path>:<line>: ...' for a malformed line, and '<path>: ...' when the file lacks
+    any one of the three trial types, since the t-DCF needs all three.
+    """
+    by_key: dict[str, list[float]] = {"target": [], "nontarget": [], "spoof": []}
+    for lineno, line in _numbered_lines(path):
+        fields = line.split()
+        score = _parse_score(fields[2]) if len(fields) == 3 else None
+        if score is None or fields[1] not in by_key:
+            raise ScoreFileError(f"{path}:{lineno}: expected '{_ASV_FORMAT}', got '{_shorten(line)}'")
+        by_key[fields[1]].append(score)
+    missing = [key for key, values in by_key.items() if not values]
+    if missing:
+        raise ScoreFileError(
+            f"{path}: no {' or '.join(missing)} trials (an ASV score file needs target, nontarget and spoof)"
+        )
+    return AsvScores(*(np.array(by_key[k], dtype=np.float64) for k in ("target", "nontarget", "spoof")))
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------
+
+
+def evaluate(
+    cm: CmScores, asv: AsvScores | None = None, cost: TdcfCost = ASVSPOOF2019_COST
+) -> dict[str, Any]:
+    """EER, min t-DCF (None without ASV scores), per-attack EER and trial counts, JSON-ready.
+
+    Returns {"eer": percent, "eer_threshold": CM threshold at the EER, "min_tdcf": float | None,
+    "per_attack": {attack: EER percent of that attack's spoofs against all bona fide, attacks sorted},
+    "counts": {"bonafide": n, "spoof": n, attack: n, ...}}. ValueError (one line) if the CM scores lack bona fide
+    or spoof trials, hold a non-finite score, or an attack is named like a count key.
+    """
+    key = np.asarray(cm.key)
+    score = np.asarray(cm.score, dtype=np.float64)
+    if not np.isfinite(score).all():
+        raise ValueError("CM scores contain NaN or infinite values")
+    bonafide, spoof = score[key == 1], score[key == 0]
+    if bonafide.size == 0 or spoof.size == 0:
+        missing = "bona fide" if bonafide.size == 0 else "spoof"
+        raise ValueError(
+            f"CM scores have no {missing} trials; EER and t-DCF need both bona fide and spoof trials"
+        )
+    spoof_attacks = np.asarray(cm.attack, dtype=object)[key == 0]
+    attacks = sorted(set(spoof_attacks.tolist()))
+    clash = {"bonafide", "spoof"} & set(attacks)
+    if clash:
+        raise ValueError(f"attack named {sorted(clash)[0]!r} clashes with the class counts; rename it")
+    eer, eer_threshold = compute_eer(bonafide, spoof)
+    per_attack: dict[str, float] = {}
+    counts: dict[str, int] = {"bonafide": int(bonafide.size), "spoof": int(spoof.size)}
+    for attack in attacks:
+        of_attack = spoof[spoof_attacks == attack]
+        per_attack[attack] = 100.0 * compute_eer(bonafide, of_attack)[0]
+        counts[attack] = int(of_attack.size)
+    tdcf = None
+    if asv is not None:
+        tdcf = min_tdcf(bonafide, spoof, asv_error_rates(asv.target, asv.nontarget, asv.spoof), cost)[0]
+    return {
+        "eer": 100.0 * eer,
+        "eer_threshold": eer_threshold,
+        "min_tdcf": tdcf,
+        "per_attack": per_attack,
+        "counts": counts,
+    }
+
+
+def format_evaluation(result: dict[str, Any]) -> str:
+    """A plain-text report of evaluate()'s result: EER, min t-DCF, then one row per attack."""
+    counts = result["counts"]
+    eer_line = f"EER: {result['eer']:.4f} %"
+    if result.get("eer_threshold") is not None:
+        eer_line += f" (CM threshold {result['eer_threshold']:.6g})"
+    if result["min_tdcf"] is None:
+        tdcf_line = "min t-DCF: not computed (give --asv-scores ASV_SCORE_FILE)"
+    else:
+        tdcf_line = f"min t-DCF: {result['min_tdcf']:.6f}"
+    lines = [eer_line, tdcf_line, f"trials: {counts['bonafide']} bona fide, {counts['spoof']} spoof", ""]
+    width = max([len("attack"), *(len(a) for a in result["per_attack"])])
+    lines.append(f"{'attack':<{width}}  {'trials':>8}  {'EER %':>8}")
+    for attack, eer in result["per_attack"].items():
+        lines.append(f"{attack:<{width}}  {counts.get(attack, 0):>8}  {eer:>8.4f}")
+    return "\n".join(lines)
