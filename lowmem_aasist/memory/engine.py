@@ -24,7 +24,7 @@ from .device import DeviceFacts
 from .plan import REF_CROP, Cost, Overheads, Plan, Technique, best_plan
 from .techniques import apply_channels_last, apply_checkpointing, apply_lean_pooling
 
-CACHE_VERSION = 3
+CACHE_VERSION = 5
 
 AUTO_POLICIES = ("none", "block0-segments")
 """Policies the planner weighs on its own. The others never win, measured (benchmarks/results/cpu/memory_matrix.md,
@@ -47,13 +47,15 @@ def prepare_model(model: nn.Module, checkpoint: str, channels_last: bool = False
 def candidate_techniques(
     facts: DeviceFacts, precision: str = "auto", checkpoint: str = "auto", optimizer: str = "adam"
 ) -> list[Technique]:
-    """Techniques worth planning with on this device: native reduced precision only, every policy unless forced."""
+    """Techniques worth planning with on this device, every policy unless forced. ``auto`` precision is the one
+    precision the device runs best: where autocast is native it needs less memory and time than fp32 at every
+    micro-batch, so fp32 could never win and calibrating it would only slow ``probe`` down."""
     if precision != "auto":
         precisions = [precision]
     elif facts.kind == "cuda":
-        precisions = ["fp32", "bf16" if facts.native_bf16 else "fp16"]
+        precisions = ["bf16" if facts.native_bf16 else "fp16"]
     else:
-        precisions = ["fp32", "bf16"] if facts.native_bf16 else ["fp32"]
+        precisions = ["bf16" if facts.native_bf16 else "fp32"]
     policies = list(AUTO_POLICIES) if checkpoint == "auto" else [checkpoint]
     optimizers = ["adam"] if optimizer == "auto" else [optimizer]
     return [Technique(p, c, o) for p in precisions for c in policies for o in optimizers]
@@ -134,17 +136,24 @@ def _real_step_memory(model_name: str, device: torch.device, precision: str, mic
     return measure_step(step, model, optimizer, device)
 
 
-def _real_step_rss(model_name: str, precision: str, micro_batch: int, crop: int) -> int | None:
-    """Peak resident memory of one plain CPU training step after a warm-up step: run as ``fit`` runs it, with no
-    dispatch-mode tracker in the way; the live bytes to subtract come from the estimator, which is exact."""
+def _real_steps_rss(model_name: str, precision: str, micro_batches: tuple[int, ...], crop: int) -> list[int] | None:
+    """Peak resident memory of one plain CPU training step per micro-batch, in that order, after one warm-up step at
+    the first: run as ``fit`` runs it, with no dispatch-mode tracker in the way (the live bytes to subtract come
+    from the estimator, which is exact). Measured at micro-batch 2 then 4, the second step reads the same peak
+    with or without a warm-up of its own (1,207 vs 1,205 MiB, AASIST bf16), so one warm-up serves both. Smaller
+    calibration steps (1 and 2) were faster but read ~40% more excess per sample and planned 3 GiB too timidly."""
     from .measure import reset_rss_peak, rss_peak
 
-    _, _, step = _calibration_step(model_name, torch.device("cpu"), precision, micro_batch, crop)
-    step()
-    if not reset_rss_peak():
-        return None
-    step()
-    return rss_peak()
+    peaks = []
+    for i, mb in enumerate(micro_batches):
+        _, _, step = _calibration_step(model_name, torch.device("cpu"), precision, mb, crop)
+        if i == 0:
+            step()
+        if not reset_rss_peak():
+            return None
+        step()
+        peaks.append(rss_peak())
+    return peaks
 
 
 def _load_cache(cache: Path) -> dict:
@@ -188,9 +197,8 @@ def calibrate_overheads(
             else:
                 # Resident memory beyond live tensors: real RSS of plain steps minus the estimator's exact live peak.
                 live = lives[Technique(precision, "none", "adam")]
-                extra1, extra2 = (
-                    (_real_step_rss(model_name, precision, mb, crop) or 0) - live.peak(mb, crop) for mb in (lo, hi)
-                )
+                rss = _real_steps_rss(model_name, precision, (lo, hi), crop) or [0, 0]
+                extra1, extra2 = (r - live.peak(mb, crop) for r, mb in zip(rss, (lo, hi), strict=True))
                 per_sample = max(extra2 - extra1, 0) / (hi - lo) * scale
                 base = max(extra1 - lo * per_sample / scale, 0)
                 stored[key] = {"base_bytes": int(base), "per_sample_bytes": per_sample, "slack_fraction": 0.0}
