@@ -127,6 +127,7 @@ def _fit_overrides(args: argparse.Namespace) -> dict:
         "train.lr": args.lr,
         "train.precision": args.precision,
         "train.workers": args.workers,
+        "train.save_every": args.save_every,
         "data.root": args.data,
         "data.layout": args.layout,
         "data.max_bad": args.max_bad,
@@ -138,31 +139,65 @@ def _fit_overrides(args: argparse.Namespace) -> dict:
     return {k: v for k, v in pairs.items() if v is not None}
 
 
+def _resume_config(args: argparse.Namespace):
+    """A resumed run's config: what it was trained with (its config.json), then whatever the command line changes."""
+    from .config import config_from_dict, load_config
+
+    saved_path = Path(args.out) / "config.json"
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError):
+        raise CLIError(f"--resume: {saved_path} not found or unreadable; --out must be the folder of a run to continue") from None
+    saved.pop("resolved", None)
+    return load_config(args.profile, _fit_overrides(args), base=config_from_dict(saved, str(saved_path)))
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import fit
 
-    if args.demo == bool(args.data):
-        raise CLIError("fit: give exactly one of --data ROOT (a corpus with train and dev splits) or --demo")
-    profile = args.profile or ("demo" if args.demo else "aasist")
-    cfg = load_config(profile, _fit_overrides(args))
     console = _stdout()
-    if args.demo:
-        d = cfg.demo
-        root = Path(args.demo_dir or d.cache or default_demo_dir())
-        _generate_demo(root, console, n_train=d.n_train, n_dev=d.n_dev, n_eval=d.n_eval, seed=d.seed, workers=2)
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
+    if args.resume:
+        if not args.out:
+            raise CLIError("fit --resume: give --out, the folder of the run to continue")
+        if args.demo:
+            raise CLIError("fit --resume: the run's config.json says where its data is; drop --demo")
+        cfg = _resume_config(args)
+    else:
+        if args.demo == bool(args.data):
+            raise CLIError("fit: give exactly one of --data ROOT (a corpus with train and dev splits) or --demo")
+        profile = args.profile or ("demo" if args.demo else "aasist")
+        cfg = load_config(profile, _fit_overrides(args))
+        if args.demo:
+            d = cfg.demo
+            root = Path(args.demo_dir or d.cache or default_demo_dir())
+            _generate_demo(root, console, n_train=d.n_train, n_dev=d.n_dev, n_eval=d.n_eval, seed=d.seed, workers=2)
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    result = fit(cfg, out, device=args.device, console=console)
+    result = fit(cfg, out, device=args.device, console=console, resume=args.resume)
+
+    from .memory.budget import format_bytes
 
     eers = ", ".join(f"{e:.2f}" for e in result.dev_eers)
+    resumed = f" (resumed at step {result.resumed_from:,})" if result.resumed_from else ""
     console.print(
         f"\ndone: {result.steps} steps, {result.epochs} epochs in {result.wall_s:.0f} s on {result.device} "
-        f"({result.precision}); dev EER per epoch (%): {eers}; best {result.best_eer:.2f}% at epoch {result.best_epoch}"
+        f"({result.precision}){resumed}; dev EER per evaluation (%): {eers}; best {result.best_eer:.2f}% at epoch "
+        f"{result.best_epoch}"
     )
-    console.print(f"run folder: {out} (config.json, metrics.jsonl, scores/dev.txt, checkpoints/best.pt, last.pt)")
+    if result.peak_bytes:
+        what = "GPU memory (NVML)" if result.device.startswith("cuda") else "resident memory"
+        planned = f" against a predicted {format_bytes(result.predicted_peak_bytes)}" if result.predicted_peak_bytes else ""
+        console.print(f"peak {what}: {format_bytes(result.peak_bytes)}{planned}")
+    files = "config.json, metrics.jsonl, scores/dev.txt, checkpoints/best.pt, last.pt"
+    if (out / "training.png").is_file():
+        files += ", training.png"
+    console.print(f"run folder: {out} ({files})")
+    best = out / "checkpoints" / "best.pt"
     console.print("next:")
-    console.print(f"  lowmem-aasist score AUDIO... --weights {out / 'checkpoints' / 'best.pt'}")
+    console.print(f"  lowmem-aasist eval --data {cfg.data.root} --split eval --weights {best}   # EER on the eval split")
+    console.print(f"  lowmem-aasist score AUDIO... --weights {best}")
+    console.print("  lowmem-aasist probe --budget 6GB   # plan the paper's recipe for your GPU")
     return EXIT_OK
 
 
@@ -321,7 +356,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, help="data-loading processes (default: from the cores)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
-    p.add_argument("--out", help="run folder (default runs/<timestamp>); must be new or empty")
+    p.add_argument("--out", help="run folder (default runs/<timestamp>); must be new or empty unless --resume")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from checkpoints/last.pt (exactly: same weights as never stopping); "
+                        "its config comes from the run folder, options given here may change the budget, device, "
+                        "workers, data location and --max-steps only")
+    p.add_argument("--save-every", type=int, help="save last.pt every N steps (default: every 5 minutes, and each epoch)")
     p.add_argument("--budget", help="plan within this memory (6GB, 6.5GiB, 6144MB; GB = GiB = 2^30 bytes) or auto; "
                                     "--batch is then the effective batch, split into micro-batch x accumulation")
     p.add_argument("--checkpoint", choices=["auto", *CHECKPOINT_POLICIES],
@@ -372,9 +412,11 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .audio import AudioError
+    from .checkpoint import ResumeError
     from .config import ConfigError
     from .data.corpora import LayoutError, ProtocolError
     from .data.index import TooManyBadFiles
+    from .interrupt import Interrupted
     from .memory.budget import BudgetError
     from .memory.device import DeviceError
     from .memory.optim import OptimizerError
@@ -388,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
 
     enable_expandable_segments()  # before anything touches CUDA
     usage_errors = (CLIError, ConfigError, DeviceError, RunFolderError, BudgetError, NoPlanError, OptimizerError,
-                    LayoutError)
+                    LayoutError, ResumeError)
     try:
         return COMMANDS[args.command](args)
     except usage_errors as exc:
@@ -397,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     except (WeightsError, ProtocolError, AudioError, TooManyBadFiles, ScoreFileError) as exc:
         _stderr().print(f"error: {exc}")
         return EXIT_FAILED
+    except Interrupted as exc:
+        _stderr().print(str(exc))
+        return exc.exit_code
     except KeyboardInterrupt:
         _stderr().print("interrupted")
         return EXIT_INTERRUPTED

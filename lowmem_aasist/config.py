@@ -65,14 +65,17 @@ class TrainConfig:
     """DataLoader worker processes; -1 chooses from the cores."""
     log_every: int = 10
     """Log a metrics line every this many optimizer steps."""
+    save_every: int = 0
+    """Save checkpoints/last.pt every this many optimizer steps (0: every 5 minutes of work), and at each epoch end."""
 
     def validate(self) -> list[str]:
         errors = []
         for name in ("epochs", "batch", "crop", "log_every"):
             if getattr(self, name) < 1:
                 errors.append(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps < 0:
-            errors.append(f"train.max_steps must be >= 0, got {self.max_steps}")
+        for name in ("max_steps", "save_every"):
+            if getattr(self, name) < 0:
+                errors.append(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             errors.append(f"train.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if not 0 < self.min_lr <= self.lr:
@@ -235,9 +238,12 @@ def resolve_profile(name: str | Path) -> Path:
     raise ConfigError(f"profile {str(name)!r} not found: give a .toml path or one of: {known}")
 
 
-def load_config(profile: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the profile, then ``overrides`` ({"train.batch": 8, ...}); raises ConfigError listing all problems."""
-    cfg = Config()
+def load_config(
+    profile: str | Path | None = None, overrides: dict[str, Any] | None = None, base: Config | None = None
+) -> Config:
+    """Defaults (or ``base``, e.g. a run's saved config), then the profile, then ``overrides`` ({"train.batch": 8,
+    ...}); raises ConfigError listing all problems."""
+    cfg = base or Config()
     errors: list[str] = []
     if profile is not None:
         path = resolve_profile(profile)

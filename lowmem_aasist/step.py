@@ -34,7 +34,10 @@ def forward_backward(
     y = y.to(device)
     total_weight = class_weights[y].sum()
     loss_sum = torch.zeros((), device=device)
-    for xs, ys in zip(x.split(micro_batch), y.split(micro_batch), strict=True):
+    sizes = [micro_batch] * (len(x) // micro_batch) + ([len(x) % micro_batch] if len(x) % micro_batch else [])
+    if len(sizes) > 1 and sizes[-1] == 1:  # a batch that lost an utterance: one alone could not pass BatchNorm
+        sizes[-2:] = [sizes[-2] + 1]
+    for xs, ys in zip(x.split(sizes), y.split(sizes), strict=True):
         with autocast():
             logits = model(xs.to(device, non_blocking=True))
         loss = F.cross_entropy(logits.float(), ys, weight=class_weights, reduction="sum") / total_weight

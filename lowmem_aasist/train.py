@@ -1,12 +1,17 @@
 """``fit``: one training loop, read top to bottom.
 
-Setup builds everything from the frozen config (device, precision, data, model, optimizer, schedule); the loop
-then never branches on which options are on: autocast is a no-op context in fp32 and the GradScaler is disabled
-unless fp16.
+Setup builds everything from the frozen config (device, precision, data, model, optimizer, schedule), or restores
+it from ``checkpoints/last.pt`` on ``--resume``; the loop then never branches on which options are on: autocast is
+a no-op context in fp32 and the GradScaler is disabled unless fp16.
+
+A run can stop at any step boundary (``--max-steps``, Ctrl-C, SIGTERM, a kill after a save) and resume to exactly
+the run it would have been: the checkpoint holds the data position (epoch, step within it; crops and order are pure
+functions of the seed) and every random-number state, so the weights come out bit-identical on CPU.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -17,22 +22,26 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from .checkpoint import ResumeError, config_differences, load_checkpoint, rng_state, set_rng_state
 from .config import Config, ConfigError
 from .data.corpora import has_training_splits, resolve_layout
 from .data.dataset import EpochSampler, TrainCrops, make_loader
 from .data.index import check_max_bad
 from .data.load import load_split, resampling_note
 from .data.split import Split
+from .interrupt import Interrupted, StopRequests
 from .memory.device import resolve_device, resolve_precision
 from .memory.enforce import PeakReader, enforce_budget
 from .memory.engine import RunPlan, plan_run, prepare_model
 from .memory.optim import make_optimizer
+from .memory.plan import MIN_MICRO_BATCH, NoPlanError
 from .metrics import eer_percent
 from .model import AASIST, count_parameters
 from .progress import progress_bar
+from .report import plot_run
 from .scoring import autocast_ctx, score_split, write_score_file
 from .step import forward_backward
-from .storage import append_jsonl, atomic_torch_save, atomic_write_json
+from .storage import append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text
 
 
 class RunFolderError(Exception):
@@ -50,6 +59,16 @@ class FitResult:
     wall_s: float
     precision: str
     device: str
+    peak_bytes: int | None = None
+    """Highest process memory measured at the logged steps (NVML on CUDA, RSS on CPU)."""
+    predicted_peak_bytes: int | None = None
+    """The plan's prediction, when a budget was planned."""
+    resumed_from: int = 0
+    """The step a ``--resume`` continued from (0 for a fresh run)."""
+
+
+SAVE_EVERY_S = 300.0
+"""Default checkpoint interval: a kill loses at most about five minutes of work."""
 
 
 def seed_everything(seed: int) -> None:
@@ -73,28 +92,48 @@ def _plan_line(run_plan: RunPlan) -> str:
 
 def check_out_dir(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RunFolderError(f"--out {out}: folder exists and is not empty; choose a new --out (runs are never overwritten)")
+        raise RunFolderError(f"--out {out}: folder exists and is not empty; add --resume to continue the run in it, "
+                             "or choose a new --out (runs are never overwritten)")
 
 
 def prepare_out_dir(out: Path) -> None:
-    check_out_dir(out)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     (out / "scores").mkdir(exist_ok=True)
 
 
-def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = None) -> FitResult:
+def smaller_micro_batch(batch: int, micro_batch: int) -> int:
+    """The largest divisor of ``batch`` at most half of ``micro_batch``, or 0 below the smallest that trains."""
+    return max((d for d in range(MIN_MICRO_BATCH, micro_batch // 2 + 1) if batch % d == 0), default=0)
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint a resume starts from: the resumed run writes them again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = None, resume: bool = False) -> FitResult:
     console = console or Console()
     t_start = time.perf_counter()
     tc = cfg.train
 
     # --- setup -------------------------------------------------------------------------------------------
     dev = resolve_device(device)
+    state = None
+    if resume:  # refuse a mismatched resume before indexing and calibrating, not after
+        state = load_checkpoint(out / "checkpoints" / "last.pt")
+        if diffs := config_differences(state["config"], cfg.to_dict()):
+            raise ResumeError(f"--resume: {out} was trained with other settings that change the result "
+                              f"({'; '.join(diffs)}); resume without them or start a new --out")
+    else:
+        check_out_dir(out)
     root = cfg.data.root
     layout = resolve_layout(root, cfg.data.layout)
     if not has_training_splits(layout):
         raise ConfigError(f"--data {root} is {layout.describe()} (layout {layout.name}): it has no train and dev "
                           "splits to fit on; score it with `lowmem-aasist eval`")
-    check_out_dir(out)  # refuse before indexing and a minute of calibration, not after
     indexed = [load_split(root, name, layout.name, console=console) for name in ("train", "dev")]
     for ix in indexed:  # too much bad audio means the wrong folder or a broken copy: stop before any training
         check_max_bad(len(ix.problems), len(ix.split), cfg.data.max_bad, ix.split.name, data_root=root)
@@ -117,12 +156,16 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
         workers = tc.workers
     if tc.batch % micro_batch:
         raise ConfigError(f"--micro-batch {micro_batch} must divide the batch {tc.batch}")
+    if micro_batch < MIN_MICRO_BATCH:
+        raise ConfigError(f"--micro-batch {micro_batch}: AASIST trains on at least {MIN_MICRO_BATCH} utterances per "
+                          "forward pass (its graph BatchNorm needs more than one)")
     prepare_out_dir(out)
     resolved = {"device": str(dev), "precision": precision, "micro_batch": micro_batch, "crop": crop,
                 "checkpoint": checkpoint, "optimizer": optimizer_name, "workers": workers}
     atomic_write_json(out / "config.json", {**cfg.to_dict(), "resolved": resolved})
-    if run_plan is not None:
-        atomic_write_json(out / "plan.json", run_plan.to_dict())
+    plan_record = run_plan.to_dict() if run_plan is not None else None
+    if plan_record is not None:
+        atomic_write_json(out / "plan.json", plan_record)
         console.print(f"plan: {_plan_line(run_plan)}", highlight=False)
         console.print(enforce_budget(dev, run_plan.budget_bytes, run_plan.facts.context_bytes), highlight=False)
     metrics_path, problems_path = out / "metrics.jsonl", out / "data_problems.jsonl"
@@ -139,17 +182,37 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
 
     train_data = TrainCrops(train_split, crop, tc.seed)
     sampler = EpochSampler(train_data.readable, tc.seed)
-    loader = make_loader(train_data, tc.batch, workers, sampler, dev.type == "cuda")
-    steps_per_epoch = math.ceil(len(train_data.readable) / tc.batch)
-    total_steps = tc.epochs * steps_per_epoch if tc.max_steps == 0 else min(tc.max_steps, tc.epochs * steps_per_epoch)
+    loader = make_loader(train_data, tc.batch, workers, sampler, dev.type == "cuda", drop_last=True)
+    # Whole batches only, as the reference recipe: a last batch of one utterance could not train at all.
+    steps_per_epoch = len(train_data.readable) // tc.batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"--batch {tc.batch} is larger than the {len(train_data.readable)} readable training utterances")
+    # The schedule spans the whole recipe; --max-steps only stops early, so a run stopped by it and resumed is
+    # the run that was never stopped.
+    total_steps = tc.epochs * steps_per_epoch
+    stop_at = min(tc.max_steps, total_steps) if tc.max_steps else total_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total_steps, tc.lr, tc.min_lr) / tc.lr)
     peaks = PeakReader(dev)
+
+    step, epoch, epoch_step, best_eer, best_epoch, dev_eers = 0, 0, 0, math.inf, -1, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        position = state["position"]
+        step, epoch, epoch_step = position["step"], position["epoch"], position["epoch_step"]
+        best_eer, best_epoch, dev_eers = state["best_eer"], state["best_epoch"], list(state["dev_eers"])
+        _keep_metrics_until(metrics_path, step)
+        set_rng_state(state["rng"])  # last: nothing after this may draw random numbers before the loop
+    resumed_from = step
 
     counts = train_split.counts()
     console.print(
         f"fit: {cfg.model.name} ({count_parameters(model):,} parameters) on {dev}, {precision}, "
         f"batch {tc.batch} (micro-batch {micro_batch}) x crop {crop}, lr {tc.lr:g}; train {len(train_split):,} utterances "
-        f"({counts['bonafide']:,} bona fide), dev {len(dev_split):,}; {total_steps:,} steps -> {out}"
+        f"({counts['bonafide']:,} bona fide), dev {len(dev_split):,}; {stop_at:,} steps -> {out}"
+        + (f" (resumed at step {step:,}, epoch {epoch + 1})" if resume else "")
     )
 
     reported: set[tuple[str, int]] = set()
@@ -161,99 +224,141 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
         console.print(f"[yellow]skipped[/yellow] {message}", highlight=False)
         append_jsonl(problems_path, {"split": split.name, "path": split.path[index], "error": message})
 
-    for ix in indexed:  # found by the index: never sampled, reported once here
-        for problem in ix.problems:
-            report_problem(ix.split, problem.index, f"{problem.path}: {problem.reason}")
+    if not resume:
+        for ix in indexed:  # found by the index: never sampled, reported once here
+            for problem in ix.problems:
+                report_problem(ix.split, problem.index, f"{problem.path}: {problem.reason}")
 
-    # --- loop ----------------------------------------------------------------------------------------------
-    step, epoch, best_eer, best_epoch, dev_eers, loss_value = 0, 0, math.inf, -1, [], math.nan
-    window_t, window_samples = time.perf_counter(), 0
-    while epoch < tc.epochs and step < total_steps:
-        model.train()
-        sampler.set_epoch(epoch)
-        with progress_bar(console, f"epoch {epoch + 1}/{tc.epochs}", min(steps_per_epoch, total_steps - step)) as bar:
-            for batch in loader:
-                for index, message in batch.problems:
-                    report_problem(train_split, index, message)
-                if len(batch.index) == 0:
-                    continue
-                optimizer.zero_grad(set_to_none=True)
-                loss = forward_backward(
-                    model, batch.wave, batch.label, class_weights, micro_batch, autocast, scaler.scale
-                )
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                window_samples += len(batch.index)
-
-                loss_value = loss.item()  # a sync point: once per step is cheap next to the step itself
-                bar.advance(1, status=f"loss {loss_value:.4f}")
-                if step % tc.log_every == 0 or step == total_steps:
-                    now = time.perf_counter()
-                    append_jsonl(
-                        metrics_path,
-                        {
-                            "step": step,
-                            "epoch": epoch,
-                            "loss": loss_value,
-                            "lr": optimizer.param_groups[0]["lr"],
-                            "samples_per_s": window_samples / max(now - window_t, 1e-9),
-                            "peak_bytes": peaks.read(),
-                        },
-                    )
-                    window_t, window_samples = now, 0
-                if step >= total_steps:
-                    break
-
-        # --- end of epoch: dev EER, scores, checkpoints ------------------------------------------------------
-        t_dev = time.perf_counter()
-        with progress_bar(console, "dev", len(dev_split)) as bar:
-            scores = score_split(
-                model,
-                dev_split,
-                dev,
-                precision,
-                cfg.data.eval_samples,
-                cfg.data.dev_batch,
-                tc.workers,
-                on_batch=bar.advance,
-                on_problem=lambda i, m: report_problem(dev_split, i, m),
-            )
-        scored = np.isfinite(scores)
-        labels = dev_split.label[scored]
-        # A dev split reduced to one class by bad audio has no EER; keep training and say so in the log.
-        dev_eer = eer_percent(scores[scored], labels) if 0 < labels.sum() < labels.size else math.nan
-        dev_eers.append(dev_eer)
-        write_score_file(out / "scores" / "dev.txt", dev_split, scores)
-        checkpoint = {
+    def save(name: str = "last.pt") -> None:
+        atomic_torch_save(out / "checkpoints" / name, {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
+            "rng": rng_state(),
+            "position": {"step": step, "epoch": epoch, "epoch_step": epoch_step, "seed": tc.seed},
             "step": step,
-            "epoch": epoch + 1,
-            "dev_eer": dev_eer,
+            "epoch": epoch,
+            "best_eer": best_eer,
+            "best_epoch": best_epoch,
+            "dev_eers": list(dev_eers),
+            "dev_eer": dev_eers[-1] if dev_eers else math.nan,
             "config": cfg.to_dict(),
-        }
-        atomic_torch_save(out / "checkpoints" / "last.pt", checkpoint)
-        improved = dev_eer < best_eer
-        if improved:
-            best_eer, best_epoch = dev_eer, epoch + 1
-            atomic_torch_save(out / "checkpoints" / "best.pt", checkpoint)
-        append_jsonl(
-            metrics_path,
-            {"epoch": epoch + 1, "step": step, "dev_eer": dev_eer, "dev_s": time.perf_counter() - t_dev,
-             "wall_s": time.perf_counter() - t_start},
-        )
-        console.print(
-            f"epoch {epoch + 1}/{tc.epochs}  step {step}  loss {loss_value:.4f}  dev EER {dev_eer:.2f}%"
-            + ("  (best)" if improved else "")
-            + f"  [{time.perf_counter() - t_start:.0f} s]",
-            highlight=False,
-        )
-        epoch += 1
+            "plan": plan_record,
+        })
 
+    def train_step(wave: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """One optimizer step; on an out-of-memory error, halve the micro-batch and redo it from the same data."""
+        nonlocal micro_batch
+        rng = rng_state()
+        while True:
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                return forward_backward(model, wave, label, class_weights, micro_batch, autocast, scaler.scale)
+            except torch.OutOfMemoryError:
+                pass  # leave the except block first, so the error's traceback frees the step's tensors
+            optimizer.zero_grad(set_to_none=True)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            smaller = smaller_micro_batch(tc.batch, micro_batch)
+            if not smaller:
+                raise NoPlanError(f"out of memory at micro-batch {micro_batch} x crop {crop:,}, the smallest that "
+                                  "trains; give a larger --budget, a shorter --crop or AASIST-L")
+            console.print(f"[yellow]out of memory[/yellow] at step {step + 1}: micro-batch {micro_batch} -> {smaller} "
+                          f"(accumulation {tc.batch // smaller}); redoing the step", highlight=False)
+            append_jsonl(metrics_path, {"event": "oom_backoff", "step": step + 1, "micro_batch": smaller,
+                                        "grad_accum": tc.batch // smaller, "previous_micro_batch": micro_batch})
+            micro_batch = smaller
+            if plan_record is not None:
+                plan_record["plan"].update(micro_batch=smaller, grad_accum=tc.batch // smaller)
+                atomic_write_json(out / "plan.json", plan_record)
+            set_rng_state(rng)  # the retry draws the same dropout masks as a step that never failed
+
+    # --- loop ----------------------------------------------------------------------------------------------
+    loss_value, last_save, peak_seen = math.nan, time.perf_counter(), 0
+    window_t, window_samples = time.perf_counter(), 0
+    with StopRequests() as stop:
+        try:
+            while epoch < tc.epochs and step < stop_at:
+                model.train()
+                sampler.set_epoch(epoch, skip=min(epoch_step * tc.batch, len(train_data.readable)))
+                todo = min(steps_per_epoch - epoch_step, stop_at - step)
+                with progress_bar(console, f"epoch {epoch + 1}/{tc.epochs}", todo) as bar:
+                    for batch in loader if todo > 0 else ():
+                        for index, message in batch.problems:
+                            report_problem(train_split, index, message)
+                        loss = train_step(batch.wave, batch.label)
+                        scaler.step(optimizer)
+                        scaler.update()
+                        scheduler.step()
+                        step, epoch_step = step + 1, epoch_step + 1
+                        window_samples += len(batch.index)
+
+                        loss_value = loss.item()  # a sync point: once per step is cheap next to the step itself
+                        bar.advance(1, status=f"loss {loss_value:.4f}")
+                        if step % tc.log_every == 0 or step == stop_at:
+                            now = time.perf_counter()
+                            peak = peaks.read()
+                            peak_seen = max(peak_seen, peak or 0)
+                            append_jsonl(metrics_path, {
+                                "step": step, "epoch": epoch, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"],
+                                "samples_per_s": window_samples / max(now - window_t, 1e-9), "peak_bytes": peak,
+                            })
+                            window_t, window_samples = now, 0
+                        due = step % tc.save_every == 0 if tc.save_every else time.perf_counter() - last_save > SAVE_EVERY_S
+                        if due or stop.requested:
+                            save()
+                            last_save = time.perf_counter()
+                        if stop.requested:
+                            raise Interrupted(f"interrupted at step {step:,}; saved {out / 'checkpoints' / 'last.pt'}",
+                                              stop.exit_code)
+                        if step >= stop_at:
+                            break
+
+                # --- end of epoch (or of the steps asked for): dev EER, scores, checkpoints ---------------------
+                t_dev = time.perf_counter()
+
+                def on_dev_batch(n: int) -> None:  # called within this iteration only
+                    bar.advance(n)  # noqa: B023
+                    if stop.requested:  # abandon scoring; the resumed run scores this epoch again
+                        save()
+                        raise Interrupted(f"interrupted while scoring dev after step {step:,}; saved "  # noqa: B023
+                                          f"{out / 'checkpoints' / 'last.pt'}", stop.exit_code)
+
+                with progress_bar(console, "dev", len(dev_split)) as bar:
+                    scores = score_split(model, dev_split, dev, precision, cfg.data.eval_samples, cfg.data.dev_batch,
+                                         tc.workers, on_batch=on_dev_batch,
+                                         on_problem=lambda i, m: report_problem(dev_split, i, m))
+                scored = np.isfinite(scores)
+                labels = dev_split.label[scored]
+                # A dev split reduced to one class by bad audio has no EER; keep training and say so in the log.
+                dev_eer = eer_percent(scores[scored], labels) if 0 < labels.sum() < labels.size else math.nan
+                dev_eers.append(dev_eer)
+                write_score_file(out / "scores" / "dev.txt", dev_split, scores)
+                improved = dev_eer < best_eer
+                if improved:
+                    best_eer, best_epoch = dev_eer, epoch + 1
+                finished = epoch_step >= steps_per_epoch
+                if finished:
+                    epoch, epoch_step = epoch + 1, 0
+                save()
+                last_save = time.perf_counter()
+                if improved:
+                    save("best.pt")
+                append_jsonl(metrics_path, {"epoch": epoch if finished else epoch + 1, "step": step, "dev_eer": dev_eer,
+                                            "dev_s": time.perf_counter() - t_dev, "wall_s": time.perf_counter() - t_start})
+                console.print(
+                    f"epoch {epoch if finished else epoch + 1}/{tc.epochs}  step {step}  loss {loss_value:.4f}  "
+                    f"dev EER {dev_eer:.2f}%" + ("  (best)" if improved else "")
+                    + f"  [{time.perf_counter() - t_start:.0f} s]",
+                    highlight=False,
+                )
+                if not finished:
+                    break
+        except Interrupted as exc:
+            raise Interrupted(f"{exc}; resume with: lowmem-aasist fit --out {out} --resume", exc.exit_code) from None
+
+    plot_run(metrics_path, out / "training.png")
     return FitResult(
         out=out,
         steps=step,
@@ -264,4 +369,7 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
         wall_s=time.perf_counter() - t_start,
         precision=precision,
         device=str(dev),
+        peak_bytes=peak_seen or None,
+        predicted_peak_bytes=run_plan.plan.predicted_peak_bytes if run_plan is not None else None,
+        resumed_from=resumed_from,
     )

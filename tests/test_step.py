@@ -30,3 +30,13 @@ def test_accumulated_gradient_equals_full_batch(micro):
     for name, g in full.items():
         got = dict(model.named_parameters())[name].grad
         torch.testing.assert_close(got, g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_a_lone_last_utterance_joins_the_previous_micro_batch():
+    # 5 utterances in micro-batches of 2 would leave one alone, which BatchNorm cannot train on: it must join.
+    torch.manual_seed(0)
+    model = AASIST("AASIST-L").train()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    forward_backward(model, torch.randn(5, 4000), torch.tensor([1, 0, 0, 1, 0]), torch.tensor([0.1, 0.9]), 2, nullcontext)
+    assert seen == [2, 3]

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..audio import AudioError, audio_info, read_segment, tile
+from ..interrupt import ignore_sigint_in_worker
 from .split import Split
 
 
@@ -166,6 +167,7 @@ def make_loader(
     workers: int,
     sampler: Sampler | None = None,
     pin_memory: bool = False,
+    drop_last: bool = False,
 ) -> DataLoader:
     workers = default_workers() if workers < 0 else workers
     return DataLoader(
@@ -177,6 +179,10 @@ def make_loader(
         collate_fn=_Collate(dataset.split.label),
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
+        worker_init_fn=ignore_sigint_in_worker if workers > 0 else None,
+        # Its own generator: the loader draws a seed per epoch, which must not move the global torch RNG that
+        # dropout uses, or a resumed run (one fewer epoch start) would drift from the uninterrupted one.
+        generator=torch.Generator(),
         prefetch_factor=2 if workers > 0 else None,
-        drop_last=False,
+        drop_last=drop_last,
     )

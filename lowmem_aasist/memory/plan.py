@@ -20,6 +20,9 @@ CROPS = (64_600, 48_000, 32_000, 24_000, 16_000)
 """Crops tried in order; shorter ones only when micro-batch 1 at the longer one cannot fit."""
 
 BN_NOISY_BELOW = 8
+MIN_MICRO_BATCH = 2
+"""AASIST cannot train on one utterance at a time: its graph BatchNorm normalises the master node over the batch,
+and one value per channel has no variance (PyTorch refuses it in training mode)."""
 """BatchNorm statistics over fewer utterances than this are noisy (a warning, and a throughput-like penalty)."""
 
 # Relative cost of a training step per sample, used only to rank plans that fit (measured on a 2-core CPU, AASIST,
@@ -102,8 +105,9 @@ def predict_peak(cost: Cost, overheads: OverheadsArg, precision: str, micro_batc
 
 
 def micro_batches(effective_batch: int) -> list[int]:
-    """Divisors of the effective batch, largest first: accumulation is then a whole number of micro-batches."""
-    return [m for m in range(effective_batch, 0, -1) if effective_batch % m == 0]
+    """Divisors of the effective batch down to MIN_MICRO_BATCH, largest first: accumulation is then a whole number
+    of micro-batches."""
+    return [m for m in range(effective_batch, MIN_MICRO_BATCH - 1, -1) if effective_batch % m == 0]
 
 
 def _relative_cost(t: Technique, micro_batch: int, crop: int) -> float:
@@ -130,6 +134,9 @@ def plan_candidates(
     """
     if micro_batch and effective_batch % micro_batch:
         raise NoPlanError(f"micro-batch {micro_batch} does not divide the effective batch {effective_batch}")
+    if micro_batch and micro_batch < MIN_MICRO_BATCH:
+        raise NoPlanError(f"micro-batch {micro_batch}: AASIST trains on at least {MIN_MICRO_BATCH} utterances per "
+                          "forward pass (its graph BatchNorm needs more than one)")
     sizes = [micro_batch] if micro_batch else micro_batches(effective_batch)
     limit = budget_bytes * (1.0 - margin_fraction)
     crops = [c for c in CROPS if c <= crop] if crop in CROPS else [crop, *[c for c in CROPS if c < crop]]
@@ -144,7 +151,7 @@ def plan_candidates(
                 if mb < BN_NOISY_BELOW:
                     notes.append(f"micro-batch {mb} < {BN_NOISY_BELOW}: BatchNorm statistics are noisy")
                 if c != crop:
-                    notes.append(f"CROP SHORTENED to {c} samples: micro-batch 1 at {crop} does not fit the budget")
+                    notes.append(f"CROP SHORTENED to {c} samples: micro-batch {MIN_MICRO_BATCH} at {crop} does not fit the budget")
                 plans.append(
                     Plan(mb, effective_batch // mb, c, technique.precision, technique.checkpoint, technique.optimizer,
                          peak, budget_bytes, round(_relative_cost(technique, mb, c), 4), tuple(notes))
@@ -168,8 +175,9 @@ def best_plan(
     plans = plan_candidates(budget_bytes, costs, overheads, effective_batch, crop, micro_batch=micro_batch)
     if plans:
         return plans[0], plans
-    smallest = min(predict_peak(cost, overheads, t.precision, micro_batch or 1, min(CROPS)) for t, cost in costs.items())
+    mb = micro_batch or MIN_MICRO_BATCH
+    smallest = min(predict_peak(cost, overheads, t.precision, mb, min(CROPS)) for t, cost in costs.items())
     raise NoPlanError(
         f"no plan fits {budget_bytes / 2**20:,.0f} MiB: the smallest configuration needs about "
-        f"{smallest / 2**20:,.0f} MiB (micro-batch {micro_batch or 1}, crop {min(CROPS)})"
+        f"{smallest / 2**20:,.0f} MiB (micro-batch {mb}, crop {min(CROPS)})"
     )

@@ -1,0 +1,161 @@
+"""Runs that survive anything: exact resume at any step, refusals, signals, atomic saves, out-of-memory backoff."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from lowmem_aasist import train as train_module
+from lowmem_aasist.checkpoint import ResumeError
+from lowmem_aasist.cli import main
+from lowmem_aasist.config import load_config
+from lowmem_aasist.data.demo import make_demo_corpus
+from lowmem_aasist.interrupt import Interrupted
+from lowmem_aasist.memory.plan import NoPlanError
+from lowmem_aasist.train import RunFolderError, fit, smaller_micro_batch
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_demo_corpus(tmp_path_factory.mktemp("demo") / "la", n_train=16, n_dev=6, n_eval=2, seed=4, workers=1)
+
+
+def _cfg(root, **train):
+    # fp32 and micro-batch 2 of 4: accumulation on, and the bit-exactness claim made where it is meant to hold.
+    overrides = {"data.root": str(root), "train.crop": 3000, "train.batch": 4, "train.workers": 0, "train.epochs": 2,
+                 "train.log_every": 1, "train.precision": "fp32", "data.eval_samples": 3000, "data.dev_batch": 8,
+                 "memory.micro_batch": 2}
+    overrides.update({f"train.{k}": v for k, v in train.items()})
+    return load_config("demo", overrides)
+
+
+def _weights(out):
+    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def _max_difference(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    result = fit(_cfg(corpus), out)
+    assert result.steps == 8 and result.epochs == 2  # 16 utterances / 4 per step, two epochs
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 4, 6])  # within epoch 1, at its end, within epoch 2
+def test_stopped_after_k_steps_and_resumed_is_bit_identical(corpus, reference, tmp_path, k):
+    out = tmp_path / "run"
+    assert fit(_cfg(corpus, max_steps=k), out).steps == k
+    result = fit(_cfg(corpus, max_steps=0), out, resume=True)
+    assert result.resumed_from == k and result.steps == 8
+    assert _max_difference(_weights(out), _weights(reference)) == 0.0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == list(range(1, 9))  # each step logged once, none lost or repeated
+
+
+def test_refuses_a_used_folder_without_resume_and_a_changed_recipe_with_it(corpus, reference, tmp_path):
+    with pytest.raises(RunFolderError, match="--resume"):
+        fit(_cfg(corpus), reference)
+    with pytest.raises(ResumeError, match=r"train\.lr: 0\.001 -> 0\.002.*train\.seed: 1234 -> 7"):
+        fit(_cfg(corpus, lr=2e-3, seed=7), reference, resume=True)
+    with pytest.raises(ResumeError, match="no checkpoint to resume from"):
+        fit(_cfg(corpus), tmp_path / "never", resume=True)
+
+
+def test_sigint_saves_and_the_resumed_run_is_identical(corpus, reference, tmp_path, monkeypatch):
+    real = train_module.forward_backward
+    calls = {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # Ctrl-C arrives during step 3: it finishes, saves, and stops
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "forward_backward", interrupting)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted, match="interrupted at step 3.*--resume") as info:
+        fit(_cfg(corpus), out)
+    assert info.value.exit_code == 130
+    monkeypatch.setattr(train_module, "forward_backward", real)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    fit(_cfg(corpus), out, resume=True)
+    assert _max_difference(_weights(out), _weights(reference)) == 0.0
+
+
+def test_a_crash_between_write_and_rename_leaves_the_previous_checkpoint(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    fit(_cfg(corpus, max_steps=2), out)
+    before = (out / "checkpoints" / "last.pt").read_bytes()
+
+    def crash(src, dst):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="power cut"):
+        fit(_cfg(corpus, max_steps=3, save_every=1), out, resume=True)
+    monkeypatch.undo()
+    assert (out / "checkpoints" / "last.pt").read_bytes() == before
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert fit(_cfg(corpus, max_steps=3), out, resume=True).steps == 3  # and the run goes on from it
+
+
+def test_out_of_memory_halves_the_micro_batch_and_redoes_the_step(corpus, tmp_path, monkeypatch):
+    real = train_module.forward_backward
+
+    def small_card(model, x, y, weights, micro_batch, *rest):
+        if micro_batch > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(model, x, y, weights, micro_batch, *rest)
+
+    monkeypatch.setattr(train_module, "forward_backward", small_card)
+    out = tmp_path / "run"
+    base = _cfg(corpus, max_steps=3)
+    cfg = dataclasses.replace(base, memory=dataclasses.replace(base.memory, micro_batch=4))
+    result = fit(cfg, out)
+    assert result.steps == 3
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in lines if r.get("event") == "oom_backoff"]
+    assert events == [{"event": "oom_backoff", "step": 1, "micro_batch": 2, "grad_accum": 2, "previous_micro_batch": 4}]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3]  # the failed step was redone, not lost
+
+    monkeypatch.setattr(train_module, "forward_backward", lambda *a, **k: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("injected")))
+    with pytest.raises(NoPlanError, match="out of memory at micro-batch 2 x crop 3,000, the smallest that trains"):
+        fit(_cfg(corpus, max_steps=1), tmp_path / "hopeless")
+
+
+def test_smaller_micro_batch_keeps_dividing_the_batch():
+    assert [smaller_micro_batch(24, m) for m in (24, 12, 6, 3, 2)] == [12, 6, 3, 0, 0]  # never below 2
+    assert smaller_micro_batch(24, 8) == 4 and smaller_micro_batch(20, 5) == 2
+
+
+def test_cli_resume_reads_the_run_config_and_refuses_recipe_changes(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["fit", "--data", str(corpus), "--profile", "demo", "--crop", "3000", "--batch", "4", "--epochs", "1",
+            "--workers", "0", "--precision", "fp32", "--out", str(out)]
+    assert main([*base, "--max-steps", "1"]) == 0
+    assert main([*base, "--max-steps", "2"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["fit", "--out", str(out), "--resume", "--max-steps", "2"]) == 0
+    assert "resumed at step 1" in capsys.readouterr().out
+    assert main(["fit", "--out", str(out), "--resume", "--lr", "0.5"]) == 2
+    assert "train.lr: 0.001 -> 0.5" in capsys.readouterr().err
+
+
+def test_config_differences_ignore_what_a_resume_may_change():
+    from lowmem_aasist.checkpoint import config_differences
+
+    a = load_config("demo").to_dict()
+    b = dataclasses.replace(load_config("demo", {"memory.budget": "2GB", "train.workers": 0, "train.max_steps": 9}))
+    assert config_differences(a, b.to_dict()) == []
+    assert config_differences(a, load_config("demo", {"train.crop": 8000}).to_dict()) == ["train.crop: 16000 -> 8000"]
