@@ -290,6 +290,28 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- eval ------------------------------------------------------------------------------------------------------
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import run_eval
+    from .metrics import format_evaluation
+
+    out = _stdout()
+    result = run_eval(args.data, args.weights, split=args.split, layout=args.layout, phase=args.phase,
+                      out=Path(args.out) if args.out else None, budget=args.budget, device=args.device,
+                      precision=args.precision, batch=args.batch, workers=args.workers,
+                      asv_scores=Path(args.asv_scores) if args.asv_scores else None, console=out, model=args.model)
+    resumed = f", {result.resumed:,} of them from an interrupted run" if result.resumed else ""
+    out.print(f"scored {result.scored:,} utterances{resumed} in {result.seconds:.0f} s (batch {result.batch}); "
+              f"skipped {result.skipped:,}; scores: {result.scores_path}")
+    if result.metrics is not None:
+        out.print(format_evaluation(result.metrics), highlight=False, markup=False)
+    else:
+        out.print("no EER: the split has no keys (or only one class); the score file can be evaluated once keys exist")
+    return EXIT_FAILED if result.skipped else EXIT_OK
+
+
 # --- evaluate --------------------------------------------------------------------------------------------------
 
 
@@ -314,6 +336,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "demo-data": cmd_demo_data,
     "probe": cmd_probe,
     "check-data": cmd_check_data,
+    "eval": cmd_eval,
     "evaluate": cmd_evaluate,
 }
 
@@ -401,6 +424,22 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads for --deep")
     p.add_argument("--json", action="store_true", help="one JSON object: layout, splits, problems")
 
+    p = sub.add_parser("eval", help="score a whole split of a corpus with a model and report EER (resumable)")
+    p.add_argument("--data", required=True, help="corpus folder or list file (any layout check-data knows)")
+    p.add_argument("--weights", required=True, help="published weights or a run's checkpoint (best.pt)")
+    p.add_argument("--split", default="eval", help="split to score (default eval)")
+    p.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS], help="force the layout (default: recognised)")
+    p.add_argument("--phase", default="eval", choices=["progress", "eval", "hidden_track", "all"],
+                   help="ASVspoof 2021 only: which phase's trials (default eval)")
+    p.add_argument("--out", help="score file (default scores-<layout>-<split>.txt); an interrupted run continues it")
+    p.add_argument("--model", default="auto", choices=["auto", "AASIST", "AASIST-L"])
+    p.add_argument("--budget", default="auto", help="memory for scoring (6GB, auto); picks the batch")
+    p.add_argument("--batch", type=int, default=0, help="utterances per forward pass (default: from the budget)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--workers", type=int, default=-1, help="data-loading processes (default: from the cores)")
+    p.add_argument("--asv-scores", help="ASV score file, for min t-DCF")
+
     p = sub.add_parser("evaluate", help="EER, min t-DCF and per-attack EER of a score file (ASVspoof 2019 rules)")
     p.add_argument("--scores", required=True, help="CM score file: 'UTT ATTACK bonafide|spoof SCORE' per line")
     p.add_argument("--asv-scores", help="ASV score file ('SPEAKER target|nontarget|spoof SCORE'), for min t-DCF")
@@ -416,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data.corpora import LayoutError, ProtocolError
     from .data.index import TooManyBadFiles
+    from .evaluation import EvalResumeError
     from .interrupt import Interrupted
     from .memory.budget import BudgetError
     from .memory.device import DeviceError
@@ -430,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 
     enable_expandable_segments()  # before anything touches CUDA
     usage_errors = (CLIError, ConfigError, DeviceError, RunFolderError, BudgetError, NoPlanError, OptimizerError,
-                    LayoutError, ResumeError)
+                    LayoutError, ResumeError, EvalResumeError)
     try:
         return COMMANDS[args.command](args)
     except usage_errors as exc:

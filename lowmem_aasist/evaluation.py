@@ -1,0 +1,456 @@
+"""``eval``: score a whole split of any corpus with the reference evaluation input, resumably, within a budget.
+
+Every utterance gets the bona fide logit of its first 64,600 samples (short clips tiled), as the published
+evaluation scores it; the score file is the reference CM layout ``UTT ATTACK KEY SCORE`` in split order, and EER /
+min t-DCF follow when the split has keys for both classes.
+
+An evaluation set can hold 600k utterances (hours on a small GPU), so a run appends each batch's scores to
+``<out>.partial`` as it goes; an interrupted run started again with the same arguments scores only what is left and
+writes the same file, byte for byte, as an uninterrupted run would. ``<out>.partial.json`` records what the partial
+scores were made with, and a run with other weights, data or settings refuses to mix them in.
+
+Batch rule: a given ``batch`` is used as it is; otherwise the largest batch up to 64 whose predicted peak fits the
+budget (``auto``: free memory minus a safety margin, as for ``fit``), where
+
+    predicted peak = overhead + (fixed + per_utterance x batch) x (1 + slack)
+
+``fixed`` and ``per_utterance`` are the exact live-tensor bytes of one no-grad forward under the run's autocast,
+from fake-tensor forwards at batch 1 and 2 (nothing is allocated); ``overhead`` is the CUDA context from the device
+facts, or a fixed 400 MiB for the process on the CPU; ``slack`` covers what no tensor owns (CPU: 10% in fp32, 50% in
+bf16, whose convolutions allocate scratch outside tensors; CUDA: 20%). Data-loader workers are not counted: they
+hold a few batches of raw waveforms, about 1% of the activations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.markup import escape
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .audio import EVAL_SAMPLES
+from .data.dataset import EvalInputs, make_loader
+from .data.load import load_split
+from .data.split import BONAFIDE, SPOOF, UNLABELED, Split
+from .memory.budget import MiB, format_bytes, resolve_budget
+from .memory.device import device_facts, resolve_device, resolve_precision
+from .memory.enforce import enable_expandable_segments, enforce_budget
+from .memory.estimate import fake_module
+from .memory.measure import LiveTensorTracker
+from .memory.plan import NoPlanError
+from .metrics import CmScores, evaluate, read_asv_scores
+from .model import AASIST, ArchConfig, load_model, min_samples
+from .progress import progress_bar
+from .scoring import autocast_ctx, bona_fide_logits, write_score_file
+from .storage import atomic_write_json, atomic_write_text
+
+MAX_BATCH = 64
+"""Beyond this a GPU is already saturated by AASIST's 64,600-sample inputs; more only delays the first result."""
+
+CPU_PROCESS_BYTES = 400 * MiB
+"""CPU: resident memory of the process beyond live tensors (Python, torch's libraries, the loader). Measured about
+240 MiB with torch imported and a model loaded; the rest is headroom for data workers and malloc."""
+
+# Resident memory no tensor owns grows with the batch: oneDNN reorders and, much more, the scratch buffers of bf16
+# convolutions on the CPU; on CUDA, the caching allocator's rounding and cuDNN workspaces. Measured on a 2-core CPU
+# (AASIST, 64,600 samples, RSS minus live tensors minus 240 MiB): fp32 about 3% of the live bytes per utterance,
+# bf16 about 36%. CUDA is not calibrated here; 20% is the allocator slack the training planner sees on T4 and
+# A100-class cards, with room to spare.
+CPU_SLACK = {"fp32": 0.10, "bf16": 0.50}
+CUDA_SLACK = 0.20
+
+PARTIAL_VERSION = 1
+
+
+class EvalResumeError(Exception):
+    """A ``.partial`` score file left by another evaluation (other weights, data or settings); one line."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    scores_path: Path
+    scored: int  # utterances with a score in the file
+    skipped: int  # bad audio, reported
+    resumed: int  # utterances found already scored from an interrupted run (0 for a fresh run)
+    batch: int  # batch used
+    metrics: dict | None  # metrics.evaluate(...) when the split is labeled (both classes present), else None
+    seconds: float
+
+
+# --- memory ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InferenceCost:
+    """Predicted peak of scoring, in bytes: ``overhead + (fixed + per_sample * batch) * (1 + slack)``.
+
+    ``fixed`` and ``per_sample`` are live-tensor bytes of one no-grad forward (weights, the input batch and the
+    largest set of activations alive at once), exact from a fake-tensor forward; ``overhead`` is what the device
+    adds regardless of the batch (the CUDA context, or the process on the CPU) and ``slack`` what it adds in
+    proportion (allocator and kernel scratch).
+    """
+
+    fixed: int
+    per_sample: int
+    overhead: int
+    slack: float
+    overhead_what: str
+
+    def peak(self, batch: int) -> int:
+        return int(self.overhead + (self.fixed + self.per_sample * batch) * (1.0 + self.slack))
+
+    def largest_batch(self, budget: int, cap: int = MAX_BATCH) -> int:
+        """The largest batch up to ``cap`` whose peak fits ``budget``; 0 when not even one utterance fits."""
+        room = (budget - self.overhead) / (1.0 + self.slack) - self.fixed
+        batch = max(0, min(cap, int(room // self.per_sample))) if room > 0 else 0
+        while batch and self.peak(batch) > budget:  # float rounding must not let the answer overshoot by a byte
+            batch -= 1
+        return batch
+
+
+def forward_live_peak(arch: ArchConfig | str, batch: int, samples: int, precision: str, device: torch.device) -> int:
+    """Live-tensor peak of one eval-mode, no-grad forward of ``batch`` inputs, from fake tensors (nothing computed).
+
+    As in :mod:`.memory.estimate`, the model is built for real (its filter bank comes from NumPy) and then every
+    tensor is swapped for a fake one, so the forward allocates nothing. The count includes the weights and the
+    input, which are live throughout. On CUDA only device tensors count (the batch arrives from the CPU).
+    """
+    model = AASIST(arch).to(device).eval()
+    mode = FakeTensorMode()
+    fake_module(model, mode)
+    with mode:
+        wave = torch.empty(batch, samples, device=device)
+        tracker = LiveTensorTracker(device)
+        tracker.track([*model.parameters(), *model.buffers(), wave])
+        tracker.reset_peak()
+        with tracker, torch.no_grad(), autocast_ctx(device, precision):
+            model(wave)
+    return tracker.peak_bytes
+
+
+def inference_cost(arch: ArchConfig | str, samples: int, precision: str, device: torch.device,
+                   context_bytes: int = 0) -> InferenceCost:
+    """Fit the fake forward at batch 1 and 2 (live bytes are linear in the batch: every activation is per item)
+    and add the device's overheads (``context_bytes``: the CUDA context from the device facts)."""
+    one = forward_live_peak(arch, 1, samples, precision, device)
+    two = forward_live_peak(arch, 2, samples, precision, device)
+    per_sample = max(two - one, 1)
+    if device.type == "cuda":
+        return InferenceCost(one - per_sample, per_sample, context_bytes, CUDA_SLACK, "CUDA context")
+    slack = CPU_SLACK.get(precision, max(CPU_SLACK.values()))
+    return InferenceCost(one - per_sample, per_sample, CPU_PROCESS_BYTES, slack, "process")
+
+
+# --- the partial score file -----------------------------------------------------------------------------------
+
+
+def _partial_paths(out: Path) -> tuple[Path, Path]:
+    return out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
+
+
+def _split_digest(split: Split) -> str:
+    # Utterance ids and paths, offsets included: another protocol or another corpus root is another list.
+    h = hashlib.sha1()
+    for column in (split.utt, split.path):
+        h.update(np.ascontiguousarray(column.offsets, dtype="<i8").tobytes())
+        h.update(np.ascontiguousarray(column.data, dtype=np.uint8).tobytes())
+    return h.hexdigest()
+
+
+def _identity(weights: Path, split: Split, split_name: str, phase: str, samples: int, precision: str) -> dict[str, Any]:
+    """What the scores in a partial file depend on. Precision is in it because bf16 and fp32 scores differ in
+    the printed digits; the device and the batch are not (their differences are below the 6 decimals written)."""
+    st = weights.stat()
+    return {
+        "version": PARTIAL_VERSION,
+        "weights": str(weights.resolve()),
+        "weights_size": st.st_size,
+        "weights_mtime_ns": st.st_mtime_ns,
+        "layout": split.layout,
+        "split": split_name,
+        "phase": phase,
+        "samples": samples,
+        "precision": precision,
+        "utterances": len(split),
+        "list_sha1": _split_digest(split),
+    }
+
+
+def _refuse(partial: Path, why: str) -> EvalResumeError:
+    return EvalResumeError(
+        f"{partial}: {why}; delete {partial.name} (and {partial.name}.json) to start over, or give another --out"
+    )
+
+
+def _holds_a_line(partial: Path) -> bool:
+    """Whether ``partial`` exists and has at least one whole line (read only up to the first newline)."""
+    try:
+        with open(partial, "rb") as f:
+            while chunk := f.read(1 << 16):
+                if b"\n" in chunk:
+                    return True
+    except FileNotFoundError:
+        pass
+    return False
+
+
+def _read_partial(partial: Path, sidecar: Path, identity: dict[str, Any], split: Split) -> dict[int, float]:
+    """Scores of an interrupted run (split index -> score); cuts a torn last line off the file so appends continue
+    on a line boundary. Raises EvalResumeError when the partial was made differently or is damaged."""
+    try:
+        stored = json.loads(sidecar.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise _refuse(partial, f"found without {sidecar.name}, so what made it is unknown") from None
+    except (OSError, ValueError) as exc:
+        raise _refuse(partial, f"{sidecar.name} is unreadable ({type(exc).__name__})") from None
+    if not isinstance(stored, dict):
+        raise _refuse(partial, f"{sidecar.name} is not a JSON object")
+    differ = [k for k in identity if stored.get(k) != identity[k]]
+    if differ:
+        shown = ", ".join(f"{k} {stored.get(k)!r} (now {identity[k]!r})" for k in differ[:2])
+        more = f" and {len(differ) - 2} more" if len(differ) > 2 else ""
+        raise _refuse(partial, f"left by an evaluation with other settings: {shown}{more}")
+    raw = partial.read_bytes()
+    whole = raw.rfind(b"\n") + 1  # a crash mid-write leaves a torn last line; it is scored again
+    if whole < len(raw):
+        with open(partial, "r+b") as f:
+            f.truncate(whole)
+    done: dict[int, float] = {}
+    for number, line in enumerate(raw[:whole].decode("utf-8", errors="replace").split("\n")[:-1], start=1):
+        fields = line.split("\t", 2)
+        try:
+            index, score = int(fields[0]), float(fields[1])
+            ok = len(fields) == 3 and 0 <= index < len(split) and np.isfinite(score) and split.utt[index] == fields[2]
+        except (ValueError, IndexError):
+            ok = False
+        if not ok:
+            raise _refuse(partial, f"line {number} is not 'INDEX<TAB>SCORE<TAB>UTT' of this split")
+        done[index] = score
+    return done
+
+
+class _Appender:
+    """Appends score lines to the partial file: flushed every batch (a crash of the process loses nothing written),
+    fsync'ed every few seconds (a power cut loses at most those seconds, not the hours before)."""
+
+    FSYNC_EVERY_S = 5.0
+
+    def __init__(self, f: IO[str]) -> None:
+        self.f, self.synced = f, time.monotonic()
+
+    def write(self, lines: list[str]) -> None:
+        self.f.write("".join(lines))
+        self.f.flush()
+        if time.monotonic() - self.synced >= self.FSYNC_EVERY_S:
+            self.sync()
+
+    def sync(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.synced = time.monotonic()
+
+
+@contextmanager
+def _appending(partial: Path) -> Iterator[_Appender]:
+    with open(partial, "a", encoding="utf-8", newline="\n") as f:
+        appender = _Appender(f)
+        try:
+            yield appender
+        finally:
+            appender.sync()
+
+
+# --- the run --------------------------------------------------------------------------------------------------
+
+
+def _warn(console: Console, text: str) -> None:
+    console.print(f"[yellow]warning[/yellow] {escape(text)}", highlight=False)
+
+
+def _choose_batch(cost: InferenceCost, batch: int, budget: str, facts: Any, console: Console) -> tuple[int, int | None]:
+    """(batch, budget in bytes to enforce or None). A given ``batch`` is used as it is: an explicit budget then
+    only warns, and ``auto`` is not even measured (a full machine must not stop a run the user sized by hand)."""
+    if batch > 0:
+        line = f"batch {batch} (given): predicted peak {format_bytes(cost.peak(batch))}"
+        if budget.strip().lower() != "auto":
+            budget_bytes, warnings = resolve_budget(budget, facts)
+            for w in warnings:
+                _warn(console, w)
+            line += f" of the {format_bytes(budget_bytes)} budget"
+            if cost.peak(batch) > budget_bytes:
+                _warn(console, f"batch {batch} is predicted to need more than --budget {budget.strip()}")
+        console.print(line, highlight=False)
+        return batch, None
+    budget_bytes, warnings = resolve_budget(budget, facts)
+    for w in warnings:
+        _warn(console, w)
+    chosen = cost.largest_batch(budget_bytes)
+    if chosen < 1:
+        raise NoPlanError(
+            f"scoring needs about {format_bytes(cost.peak(1))} at batch 1, more than the "
+            f"{format_bytes(budget_bytes)} budget; give a larger --budget"
+        )
+    console.print(
+        f"batch {chosen}: predicted peak {format_bytes(cost.peak(chosen))} of the {format_bytes(budget_bytes)} "
+        f"budget ({format_bytes(cost.overhead)} {cost.overhead_what} + ({format_bytes(cost.fixed)} + "
+        f"{format_bytes(cost.per_sample)} per utterance) x {1 + cost.slack:.2f} for allocator and kernel scratch)",
+        highlight=False,
+    )
+    return chosen, budget_bytes
+
+
+def _metrics(split: Split, scores: np.ndarray, asv_path: Path | None, console: Console) -> dict | None:
+    """evaluate() over the scored utterances that have keys, when both classes are among them."""
+    scored = np.isfinite(scores)
+    keyed = scored & (split.label != UNLABELED)
+    if not ((split.label[keyed] == BONAFIDE).any() and (split.label[keyed] == SPOOF).any()):
+        if asv_path is not None:
+            _warn(console, f"--asv-scores {asv_path} not used: the split has no keys for both classes")
+        return None
+    if keyed.sum() < scored.sum():
+        _warn(console, f"metrics over the {int(keyed.sum()):,} scored utterances with keys; "
+                       f"{int(scored.sum() - keyed.sum()):,} have none")
+    idx = np.flatnonzero(keyed)
+    cm = CmScores(list(split.utt[idx]), list(split.attack[idx]), split.label[idx].astype(np.int8), scores[idx])
+    try:
+        return evaluate(cm, read_asv_scores(asv_path) if asv_path is not None else None)
+    except ValueError as exc:  # e.g. an attack named like a count key: the score file stands, metrics do not
+        _warn(console, f"metrics not computed: {exc}")
+        return None
+
+
+def run_eval(
+    root: str | Path,
+    weights: str | Path,
+    split: str = "eval",
+    layout: str = "auto",
+    phase: str = "eval",
+    out: Path | None = None,
+    budget: str = "auto",
+    device: str = "auto",
+    precision: str = "auto",
+    batch: int = 0,
+    workers: int = -1,
+    asv_scores: Path | None = None,
+    console: Console | None = None,
+    *,
+    model: str = "auto",
+    samples: int = EVAL_SAMPLES,
+) -> EvalResult:
+    """Score every utterance of ``split`` and write ``UTT ATTACK KEY SCORE`` lines to ``out`` (default
+    ``scores-<layout>-<split>.txt`` here); EER / min t-DCF when the split has keys for both classes.
+
+    ``batch`` > 0 forces the batch; 0 takes the largest (up to 64) whose predicted peak fits ``budget``.
+    ``samples`` is the input length, the reference 64,600 (first samples, short clips tiled); other values are
+    for tests and experiments. ``model`` is auto, AASIST or AASIST-L. Unreadable audio is reported once per file
+    (``skipped PATH: reason``) and left out of the file. Resumes from ``<out>.partial``; raises EvalResumeError
+    when that partial was made with other weights, data or settings.
+    """
+    t0 = time.perf_counter()
+    console = console or Console(quiet=True)
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        enable_expandable_segments()  # before the first CUDA allocation, which device_facts makes
+    prec = resolve_precision(precision, dev)
+    weights = Path(weights)
+    net = load_model(weights, model, map_location="cpu").to(dev).eval()
+    if samples < min_samples(net.arch):
+        raise ValueError(f"samples must be at least {min_samples(net.arch):,} for {net.arch.name}, got {samples:,}")
+    asv_path = Path(asv_scores) if asv_scores is not None else None
+    if asv_path is not None:
+        read_asv_scores(asv_path)  # a bad file fails now, not after hours of scoring
+
+    # Before indexing, which can take minutes on a large corpus: a budget that cannot work fails at once.
+    facts = device_facts(dev)
+    cost = inference_cost(net.arch, samples, prec, dev, facts.context_bytes)
+    chosen, enforced = _choose_batch(cost, batch, budget, facts, console)
+    if enforced is not None:
+        enforce_budget(dev, enforced, facts.context_bytes)
+
+    indexed = load_split(root, split, layout, phase, console)
+    sp = indexed.split
+    out = Path(out) if out is not None else Path(f"scores-{sp.layout}-{split}.txt")
+    partial, sidecar = _partial_paths(out)
+    identity = _identity(weights, sp, split, phase, samples, prec)
+    scores = np.full(len(sp), np.nan, dtype=np.float64)
+    resumed = 0
+    if _holds_a_line(partial):
+        done = _read_partial(partial, sidecar, identity, sp)
+        scores[np.fromiter(done.keys(), dtype=np.int64)] = np.fromiter(done.values(), dtype=np.float64)
+        resumed = len(done)
+    else:
+        # A run stopped before its first batch left no scores to protect, whatever it was run with: start afresh.
+        partial.unlink(missing_ok=True)
+        atomic_write_json(sidecar, identity)  # before the partial, so a partial never exists without it
+
+    console.print(
+        f"scoring {len(sp):,} utterances of {sp.layout} {split} with {weights.name} ({net.arch.name}, {dev}, "
+        f"{prec}, first {samples:,} samples) into {out}",
+        highlight=False,
+    )
+    if resumed:
+        console.print(f"resuming: {resumed:,} of {len(sp):,} already scored in {partial}", highlight=False)
+
+    problems: list[tuple[int, str]] = []
+
+    def report(index: int, message: str) -> None:
+        problems.append((index, message))
+        console.print(f"[yellow]skipped[/yellow] {escape(message)}", highlight=False)
+
+    # Files the index found bad never reach the loader; reported here with the index's reason.
+    bad = np.zeros(len(sp), dtype=bool)
+    for p in indexed.problems:
+        if not np.isfinite(scores[p.index]):
+            bad[p.index] = True
+            report(p.index, f"{p.path}: {p.reason}")
+    todo = np.flatnonzero(~np.isfinite(scores) & ~bad)
+
+    try:
+        with _appending(partial) as appender, progress_bar(console, f"scoring {split}", len(todo)) as bar:
+            if len(todo):
+                loader = make_loader(EvalInputs(sp.subset(todo), samples), chosen, workers,
+                                     pin_memory=dev.type == "cuda")
+                for b in loader:
+                    for position, message in b.problems:
+                        report(int(todo[position]), message)
+                    if len(b.index):
+                        where = todo[b.index.numpy()]
+                        values = bona_fide_logits(net, b.wave, dev, prec).astype(np.float64)
+                        scores[where] = values
+                        # repr() round-trips a float exactly, so resumed scores print as the first run's would.
+                        appender.write([f"{i}\t{v!r}\t{sp.utt[i]}\n" for i, v in zip(where.tolist(), values.tolist(),
+                                                                                       strict=True)])
+                    bar.advance(len(b.index) + len(b.problems))
+    except KeyboardInterrupt:
+        kept = int(np.isfinite(scores).sum())
+        console.print(f"interrupted: {kept:,} scores kept in {partial}; run the same command again to resume",
+                      highlight=False)
+        raise
+
+    scored = write_score_file(out, sp, scores)
+    problems_path = out.with_name(out.name + ".problems.jsonl")
+    if problems:
+        rows = [{"utt": sp.utt[i], "path": sp.path[i], "error": m} for i, m in sorted(problems)]
+        atomic_write_text(problems_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    else:
+        problems_path.unlink(missing_ok=True)  # a list from an earlier run would describe files now fine
+    partial.unlink(missing_ok=True)
+    sidecar.unlink(missing_ok=True)
+
+    metrics = _metrics(sp, scores, asv_path, console)
+    seconds = time.perf_counter() - t0
+    skipped = len(sp) - scored
+    tail = f", {skipped:,} skipped (listed in {problems_path})" if skipped else ""
+    console.print(f"wrote {out}: {scored:,} scores{tail} in {seconds:.1f} s", highlight=False)
+    return EvalResult(out, scored, skipped, resumed, chosen, metrics, seconds)
