@@ -41,7 +41,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .audio import EVAL_SAMPLES
 from .data.dataset import EvalInputs, make_loader
-from .data.load import load_split
+from .data.load import load_split, resampling_note
 from .data.split import BONAFIDE, SPOOF, UNLABELED, Split
 from .memory.budget import MiB, format_bytes, resolve_budget
 from .memory.device import device_facts, resolve_device, resolve_precision
@@ -380,6 +380,8 @@ def run_eval(
 
     indexed = load_split(root, split, layout, phase, console)
     sp = indexed.split
+    if note := resampling_note([sp]):
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     out = Path(out) if out is not None else Path(f"scores-{sp.layout}-{split}.txt")
     partial, sidecar = _partial_paths(out)
     identity = _identity(weights, sp, split, phase, samples, prec)

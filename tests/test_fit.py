@@ -152,3 +152,23 @@ def test_micro_batch_must_divide_the_batch(corpus, tmp_path, capsys):
             "--out", str(tmp_path / "r")]
     assert main(argv) == 2
     assert "--micro-batch 3 must divide the batch 4" in capsys.readouterr().err
+
+
+def test_fit_trains_on_an_asvspoof5_layout(corpus, tmp_path):
+    # The demo audio rearranged as ASVspoof 5 distributes it: protocols with its ten columns, flac_T/ and flac_D/.
+    import shutil
+
+    root = tmp_path / "as5"
+    for split, folder, name in (("train", "flac_T", "ASVspoof5.train.tsv"), ("dev", "flac_D", "ASVspoof5.dev.track_1.tsv")):
+        (root / folder).mkdir(parents=True)
+        src = read_split(corpus, split)
+        lines = ["SPEAKER_ID FLAC_FILE_NAME SPEAKER_GENDER CODEC CODEC_Q CODEC_SEED ATTACK_TAG ATTACK_LABEL KEY TMP"]
+        for utt, path, label, attack in zip(src.utt, src.path, src.label, src.attack, strict=True):
+            shutil.copy(path, root / folder / f"{utt}.flac")
+            key = "bonafide" if label == 1 else "spoof"
+            lines.append(f"S001 {utt} F - - - {'-' if label == 1 else 'AC1'} {attack} {key} -")
+        (root / name).write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    result = fit(_quick_cfg(root, max_steps=2), out)
+    assert result.steps == 2 and json.loads((out / "config.json").read_text())["data"]["root"] == str(root)
+    assert len((out / "scores" / "dev.txt").read_text().splitlines()) == 10

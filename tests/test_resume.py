@@ -71,21 +71,22 @@ def test_refuses_a_used_folder_without_resume_and_a_changed_recipe_with_it(corpu
         fit(_cfg(corpus), tmp_path / "never", resume=True)
 
 
-def test_sigint_saves_and_the_resumed_run_is_identical(corpus, reference, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_and_the_resumed_run_is_identical(corpus, reference, tmp_path, monkeypatch, signum, code):
     real = train_module.forward_backward
     calls = {"n": 0}
 
     def interrupting(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:  # Ctrl-C arrives during step 3: it finishes, saves, and stops
-            os.kill(os.getpid(), signal.SIGINT)
+        if calls["n"] == 3:  # the signal arrives during step 3: it finishes, saves, and stops
+            os.kill(os.getpid(), signum)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "forward_backward", interrupting)
     out = tmp_path / "run"
     with pytest.raises(Interrupted, match="interrupted at step 3.*--resume") as info:
         fit(_cfg(corpus), out)
-    assert info.value.exit_code == 130
+    assert info.value.exit_code == code
     monkeypatch.setattr(train_module, "forward_backward", real)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
     fit(_cfg(corpus), out, resume=True)
@@ -159,3 +160,14 @@ def test_config_differences_ignore_what_a_resume_may_change():
     b = dataclasses.replace(load_config("demo", {"memory.budget": "2GB", "train.workers": 0, "train.max_steps": 9}))
     assert config_differences(a, b.to_dict()) == []
     assert config_differences(a, load_config("demo", {"train.crop": 8000}).to_dict()) == ["train.crop: 16000 -> 8000"]
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    from lowmem_aasist.interrupt import StopRequests
+
+    with StopRequests() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.exit_code == 130
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -8,6 +8,8 @@ is replaced by another utterance and the failure travels with the batch for the 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -156,6 +158,26 @@ class _Collate:
         return collate(items, self.labels)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+WORKER_MMAP_THRESHOLD = 64 << 20
+
+
+def _init_worker(worker_id: int) -> None:
+    """Worker start: leave Ctrl-C to the main process, and let glibc keep freed crop buffers for reuse. By default
+    each ~250 KiB crop, tile and batch buffer is a fresh mmap that is unmapped when freed and page-faulted in again
+    for the next item; measured, that made one worker 25-30% slower than decoding in the main process
+    (benchmarks/results/cpu/loader.md). Workers hold no activations, so keeping the pages costs a few MiB."""
+    ignore_sigint_in_worker(worker_id)
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            libc = ctypes.CDLL(name)
+            libc.mallopt(_M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD)
+            libc.mallopt(_M_TRIM_THRESHOLD, WORKER_MMAP_THRESHOLD)
+        except (OSError, AttributeError):  # not glibc: its allocator's defaults stand
+            pass
+
+
 def default_workers() -> int:
     """One worker per core beyond the first, capped at 4: decoding FLAC crops is light next to a training step."""
     return max(0, min(4, (os.cpu_count() or 1) - 1))
@@ -179,7 +201,7 @@ def make_loader(
         collate_fn=_Collate(dataset.split.label),
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
-        worker_init_fn=ignore_sigint_in_worker if workers > 0 else None,
+        worker_init_fn=_init_worker if workers > 0 else None,
         # Its own generator: the loader draws a seed per epoch, which must not move the global torch RNG that
         # dropout uses, or a resumed run (one fewer epoch start) would drift from the uninterrupted one.
         generator=torch.Generator(),
