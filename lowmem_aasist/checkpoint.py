@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 RESUME_MAY_CHANGE = frozenset({
-    "train.workers", "train.max_steps", "train.log_every", "train.save_every",
+    "train.workers", "train.max_steps", "train.log_every", "train.save_every", "train.sync_bn",
     "data.root", "data.layout", "data.max_bad", "data.dev_batch",
     "demo.cache", "memory.budget", "memory.checkpoint", "memory.optimizer", "memory.micro_batch",
 })

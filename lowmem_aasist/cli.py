@@ -128,6 +128,7 @@ def _fit_overrides(args: argparse.Namespace) -> dict:
         "train.precision": args.precision,
         "train.workers": args.workers,
         "train.save_every": args.save_every,
+        "train.sync_bn": args.sync_bn,
         "data.root": args.data,
         "data.layout": args.layout,
         "data.max_bad": args.max_bad,
@@ -156,7 +157,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import fit
 
-    console = _stdout()
+    # Under torchrun only rank 0 speaks; the others train silently.
+    console = _stdout() if os.environ.get("RANK", "0") == "0" else Console(quiet=True)
     if args.resume:
         if not args.out:
             raise CLIError("fit --resume: give --out, the folder of the run to continue")
@@ -171,7 +173,14 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if args.demo:
             d = cfg.demo
             root = Path(args.demo_dir or d.cache or default_demo_dir())
-            _generate_demo(root, console, n_train=d.n_train, n_dev=d.n_dev, n_eval=d.n_eval, seed=d.seed, workers=2)
+            params = dict(n_train=d.n_train, n_dev=d.n_dev, n_eval=d.n_eval, seed=d.seed)
+            if os.environ.get("RANK", "0") == "0":
+                _generate_demo(root, console, **params, workers=2)
+            else:  # under torchrun rank 0 writes the corpus; the others wait for it rather than write it too
+                from .data.demo import demo_corpus_ready
+
+                while not demo_corpus_ready(root, **params):
+                    time.sleep(1.0)
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     result = fit(cfg, out, device=args.device, console=console, resume=args.resume)
@@ -384,6 +393,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from checkpoints/last.pt (exactly: same weights as never stopping); "
                         "its config comes from the run folder, options given here may change the budget, device, "
                         "workers, data location and --max-steps only")
+    p.add_argument("--sync-bn", action="store_true", default=None,
+                   help="under torchrun: synchronise BatchNorm across processes (default: per process, as the reference)")
     p.add_argument("--save-every", type=int, help="save last.pt every N steps (default: every 5 minutes, and each epoch)")
     p.add_argument("--budget", help="plan within this memory (6GB, 6.5GiB, 6144MB; GB = GiB = 2^30 bytes) or auto; "
                                     "--batch is then the effective batch, split into micro-batch x accumulation")

@@ -65,6 +65,8 @@ class TrainConfig:
     """DataLoader worker processes; -1 chooses from the cores."""
     log_every: int = 10
     """Log a metrics line every this many optimizer steps."""
+    sync_bn: bool = False
+    """Under torchrun: synchronise BatchNorm statistics across processes (default: per process, as the reference)."""
     save_every: int = 0
     """Save checkpoints/last.pt every this many optimizer steps (0: every 5 minutes of work), and at each epoch end."""
 

@@ -29,6 +29,7 @@ from .data.dataset import EpochSampler, TrainCrops, make_loader
 from .data.index import check_max_bad
 from .data.load import load_split, resampling_note
 from .data.split import Split
+from .distributed import World, join_world, leave_world, wrap_for_ranks
 from .interrupt import Interrupted, StopRequests
 from .memory.device import resolve_device, resolve_precision
 from .memory.enforce import PeakReader, enforce_budget
@@ -66,6 +67,9 @@ class FitResult:
     resumed_from: int = 0
     """The step a ``--resume`` continued from (0 for a fresh run)."""
 
+
+RANK_SEED_STRIDE = 1_000_003
+"""Rank r > 0 draws dropout masks from seed + r * this (rank 0 keeps the single-process stream)."""
 
 SAVE_EVERY_S = 300.0
 """Default checkpoint interval: a kill loses at most about five minutes of work."""
@@ -115,12 +119,27 @@ def _keep_metrics_until(path: Path, step: int) -> None:
 
 
 def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = None, resume: bool = False) -> FitResult:
-    console = console or Console()
+    """Train; under torchrun every rank calls this and only rank 0 prints and writes files."""
+    world, device = join_world(device)
+    try:
+        return _fit(cfg, out, device, console or Console(), resume, world)
+    finally:
+        leave_world(world)
+
+
+def _fit(cfg: Config, out: Path, device: str, console: Console, resume: bool, world: World) -> FitResult:
     t_start = time.perf_counter()
     tc = cfg.train
+    main = world.is_main
+    if not main:
+        console = Console(quiet=True)
 
     # --- setup -------------------------------------------------------------------------------------------
     dev = resolve_device(device)
+    if tc.batch % world.size:
+        raise ConfigError(f"--batch {tc.batch} must be a multiple of the {world.size} processes (the effective batch is "
+                          "shared between them)")
+    rank_batch = tc.batch // world.size  # --budget plans one rank's share: the budget is per GPU
     state = None
     if resume:  # refuse a mismatched resume before indexing and calibrating, not after
         state = load_checkpoint(out / "checkpoints" / "last.pt")
@@ -129,6 +148,7 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
                               f"({'; '.join(diffs)}); resume without them or start a new --out")
     else:
         check_out_dir(out)
+    world.barrier()  # every rank has looked at --out before rank 0 writes into it
     root = cfg.data.root
     layout = resolve_layout(root, cfg.data.layout)
     if not has_training_splits(layout):
@@ -143,29 +163,32 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
     mc = cfg.memory
     run_plan = None
     if mc.budget:  # plan within the budget: the planner picks precision, micro-batch, checkpointing, optimizer
-        run_plan = plan_run(cfg.model.name, dev, mc.budget, tc.batch, tc.crop, tc.precision, mc.checkpoint,
+        run_plan = plan_run(cfg.model.name, dev, mc.budget, rank_batch, tc.crop, tc.precision, mc.checkpoint,
                             mc.optimizer, mc.micro_batch, tc.channels_last)
         p = run_plan.plan
         precision, micro_batch, crop, checkpoint, optimizer_name = p.precision, p.micro_batch, p.crop, p.checkpoint, p.optimizer
         # CPU budgets count the whole process: decode in it rather than in extra worker processes.
         workers = 0 if dev.type == "cpu" else tc.workers
     else:  # the plain recipe, with whatever the config forces
-        precision, micro_batch, crop = resolve_precision(tc.precision, dev), mc.micro_batch or tc.batch, tc.crop
+        precision, micro_batch, crop = resolve_precision(tc.precision, dev), mc.micro_batch or rank_batch, tc.crop
         checkpoint = "none" if mc.checkpoint == "auto" else mc.checkpoint
         optimizer_name = "adam" if mc.optimizer == "auto" else mc.optimizer
         workers = tc.workers
-    if tc.batch % micro_batch:
-        raise ConfigError(f"--micro-batch {micro_batch} must divide the batch {tc.batch}")
+    if rank_batch % micro_batch:
+        raise ConfigError(f"--micro-batch {micro_batch} must divide the batch {tc.batch}"
+                          + (f" per process ({rank_batch})" if world.distributed else ""))
     if micro_batch < MIN_MICRO_BATCH:
         raise ConfigError(f"--micro-batch {micro_batch}: AASIST trains on at least {MIN_MICRO_BATCH} utterances per "
                           "forward pass (its graph BatchNorm needs more than one)")
-    prepare_out_dir(out)
     resolved = {"device": str(dev), "precision": precision, "micro_batch": micro_batch, "crop": crop,
-                "checkpoint": checkpoint, "optimizer": optimizer_name, "workers": workers}
-    atomic_write_json(out / "config.json", {**cfg.to_dict(), "resolved": resolved})
+                "checkpoint": checkpoint, "optimizer": optimizer_name, "workers": workers, "world_size": world.size}
     plan_record = run_plan.to_dict() if run_plan is not None else None
+    if main:
+        prepare_out_dir(out)
+        atomic_write_json(out / "config.json", {**cfg.to_dict(), "resolved": resolved})
     if plan_record is not None:
-        atomic_write_json(out / "plan.json", plan_record)
+        if main:
+            atomic_write_json(out / "plan.json", plan_record)
         console.print(f"plan: {_plan_line(run_plan)}", highlight=False)
         console.print(enforce_budget(dev, run_plan.budget_bytes, run_plan.facts.context_bytes), highlight=False)
     metrics_path, problems_path = out / "metrics.jsonl", out / "data_problems.jsonl"
@@ -173,6 +196,9 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
     seed_everything(tc.seed)
     model = AASIST(cfg.model.name).to(dev)
     prepare_model(model, checkpoint, tc.channels_last)
+    net = wrap_for_ranks(model, world, dev, cfg.train.sync_bn)  # the model itself in a world of one
+    if world.rank:
+        torch.manual_seed(tc.seed + RANK_SEED_STRIDE * world.rank)  # own dropout masks; weights came from rank 0
     optimizer = make_optimizer(optimizer_name, model.parameters(), tc.lr, tc.betas, tc.weight_decay)
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
     class_weights = torch.tensor(tc.class_weights, device=dev)
@@ -181,8 +207,8 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
         return autocast_ctx(dev, precision)
 
     train_data = TrainCrops(train_split, crop, tc.seed)
-    sampler = EpochSampler(train_data.readable, tc.seed)
-    loader = make_loader(train_data, tc.batch, workers, sampler, dev.type == "cuda", drop_last=True)
+    sampler = EpochSampler(train_data.readable, tc.seed, tc.batch, world.rank, world.size)
+    loader = make_loader(train_data, rank_batch, workers, sampler, dev.type == "cuda")
     # Whole batches only, as the reference recipe: a last batch of one utterance could not train at all.
     steps_per_epoch = len(train_data.readable) // tc.batch
     if steps_per_epoch == 0:
@@ -203,8 +229,15 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
         position = state["position"]
         step, epoch, epoch_step = position["step"], position["epoch"], position["epoch_step"]
         best_eer, best_epoch, dev_eers = state["best_eer"], state["best_epoch"], list(state["dev_eers"])
-        _keep_metrics_until(metrics_path, step)
-        set_rng_state(state["rng"])  # last: nothing after this may draw random numbers before the loop
+        if main:
+            _keep_metrics_until(metrics_path, step)
+        ranks = state.get("rng_ranks") or [state["rng"]]
+        if len(ranks) == world.size:  # last: nothing after this may draw random numbers before the loop
+            set_rng_state(ranks[world.rank])
+        else:  # another world size: exact only in what does not depend on it (rank 0 continues the saved stream)
+            set_rng_state(state["rng"])
+            if world.rank:
+                torch.manual_seed(tc.seed + RANK_SEED_STRIDE * world.rank + step)
     resumed_from = step
 
     counts = train_split.counts()
@@ -218,7 +251,7 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
     reported: set[tuple[str, int]] = set()
 
     def report_problem(split: Split, index: int, message: str) -> None:
-        if (split.name, index) in reported:  # each bad file once per run, not once per epoch
+        if (split.name, index) in reported or not main:  # each bad file once per run, not once per epoch
             return
         reported.add((split.name, index))
         console.print(f"[yellow]skipped[/yellow] {message}", highlight=False)
@@ -230,12 +263,16 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
                 report_problem(ix.split, problem.index, f"{problem.path}: {problem.reason}")
 
     def save(name: str = "last.pt") -> None:
+        rngs = world.gather(rng_state())  # a collective: every rank saves at the same steps
+        if not main:
+            return
         atomic_torch_save(out / "checkpoints" / name, {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
-            "rng": rng_state(),
+            "rng": rngs[0],
+            "rng_ranks": rngs if world.distributed else [],
             "position": {"step": step, "epoch": epoch, "epoch_step": epoch_step, "seed": tc.seed},
             "step": step,
             "epoch": epoch,
@@ -254,23 +291,30 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
         while True:
             optimizer.zero_grad(set_to_none=True)
             try:
-                return forward_backward(model, wave, label, class_weights, micro_batch, autocast, scaler.scale)
+                if not world.distributed:
+                    return forward_backward(model, wave, label, class_weights, micro_batch, autocast, scaler.scale)
+                total = world.sum(class_weights[label.to(dev)].sum()) / world.size
+                return forward_backward(net, wave, label, class_weights, micro_batch, autocast, scaler.scale,
+                                        total_weight=total, no_sync=net.no_sync)
             except torch.OutOfMemoryError:
-                pass  # leave the except block first, so the error's traceback frees the step's tensors
+                if world.distributed:  # the other ranks are already in the step's collectives: no redo in step
+                    raise NoPlanError(f"out of memory on rank {world.rank} at micro-batch {micro_batch}; under torchrun "
+                                      "resume with a smaller --micro-batch (--resume keeps the run)") from None
+                # leave the except block first, so the error's traceback frees the step's tensors
             optimizer.zero_grad(set_to_none=True)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-            smaller = smaller_micro_batch(tc.batch, micro_batch)
+            smaller = smaller_micro_batch(rank_batch, micro_batch)
             if not smaller:
                 raise NoPlanError(f"out of memory at micro-batch {micro_batch} x crop {crop:,}, the smallest that "
                                   "trains; give a larger --budget, a shorter --crop or AASIST-L")
             console.print(f"[yellow]out of memory[/yellow] at step {step + 1}: micro-batch {micro_batch} -> {smaller} "
                           f"(accumulation {tc.batch // smaller}); redoing the step", highlight=False)
             append_jsonl(metrics_path, {"event": "oom_backoff", "step": step + 1, "micro_batch": smaller,
-                                        "grad_accum": tc.batch // smaller, "previous_micro_batch": micro_batch})
+                                        "grad_accum": rank_batch // smaller, "previous_micro_batch": micro_batch})
             micro_batch = smaller
             if plan_record is not None:
-                plan_record["plan"].update(micro_batch=smaller, grad_accum=tc.batch // smaller)
+                plan_record["plan"].update(micro_batch=smaller, grad_accum=rank_batch // smaller)
                 atomic_write_json(out / "plan.json", plan_record)
             set_rng_state(rng)  # the retry draws the same dropout masks as a step that never failed
 
@@ -292,11 +336,12 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
                         scaler.update()
                         scheduler.step()
                         step, epoch_step = step + 1, epoch_step + 1
-                        window_samples += len(batch.index)
+                        window_samples += len(batch.index) * world.size  # the global batch
 
-                        loss_value = loss.item()  # a sync point: once per step is cheap next to the step itself
+                        # A sync point (and, across ranks, the global batch's loss): once per step is cheap.
+                        loss_value = world.sum(loss).item() / world.size
                         bar.advance(1, status=f"loss {loss_value:.4f}")
-                        if step % tc.log_every == 0 or step == stop_at:
+                        if main and (step % tc.log_every == 0 or step == stop_at):
                             now = time.perf_counter()
                             peak = peaks.read()
                             peak_seen = max(peak_seen, peak or 0)
@@ -306,12 +351,13 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
                             })
                             window_t, window_samples = now, 0
                         due = step % tc.save_every == 0 if tc.save_every else time.perf_counter() - last_save > SAVE_EVERY_S
-                        if due or stop.requested:
+                        stopping = world.any(stop.requested, dev)  # every rank stops at the same step
+                        if world.any(due, dev) or stopping:
                             save()
                             last_save = time.perf_counter()
-                        if stop.requested:
+                        if stopping:
                             raise Interrupted(f"interrupted at step {step:,}; saved {out / 'checkpoints' / 'last.pt'}",
-                                              stop.exit_code)
+                                              stop.exit_code if stop.requested else 143)
                         if step >= stop_at:
                             break
 
@@ -320,21 +366,27 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
 
                 def on_dev_batch(n: int) -> None:  # called within this iteration only
                     bar.advance(n)  # noqa: B023
-                    if stop.requested:  # abandon scoring; the resumed run scores this epoch again
+                    if stop.requested and not world.distributed:  # abandon scoring; a resume scores it again
                         save()
                         raise Interrupted(f"interrupted while scoring dev after step {step:,}; saved "  # noqa: B023
                                           f"{out / 'checkpoints' / 'last.pt'}", stop.exit_code)
 
-                with progress_bar(console, "dev", len(dev_split)) as bar:
-                    scores = score_split(model, dev_split, dev, precision, cfg.data.eval_samples, cfg.data.dev_batch,
-                                         tc.workers, on_batch=on_dev_batch,
-                                         on_problem=lambda i, m: report_problem(dev_split, i, m))
+                # Rank 0 scores dev alone, on the unwrapped model (DDP's forward would wait for the other ranks).
+                scores = np.full(len(dev_split), np.nan)
+                if main:
+                    with progress_bar(console, "dev", len(dev_split)) as bar:
+                        scores = score_split(model, dev_split, dev, precision, cfg.data.eval_samples,
+                                             cfg.data.dev_batch, tc.workers, on_batch=on_dev_batch,
+                                             on_problem=lambda i, m: report_problem(dev_split, i, m))
+                world.barrier()
                 scored = np.isfinite(scores)
                 labels = dev_split.label[scored]
                 # A dev split reduced to one class by bad audio has no EER; keep training and say so in the log.
                 dev_eer = eer_percent(scores[scored], labels) if 0 < labels.sum() < labels.size else math.nan
+                dev_eer = world.sum(torch.tensor([dev_eer if main else 0.0])).item()  # every rank: rank 0's EER
                 dev_eers.append(dev_eer)
-                write_score_file(out / "scores" / "dev.txt", dev_split, scores)
+                if main:
+                    write_score_file(out / "scores" / "dev.txt", dev_split, scores)
                 improved = dev_eer < best_eer
                 if improved:
                     best_eer, best_epoch = dev_eer, epoch + 1
@@ -345,8 +397,10 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
                 last_save = time.perf_counter()
                 if improved:
                     save("best.pt")
-                append_jsonl(metrics_path, {"epoch": epoch if finished else epoch + 1, "step": step, "dev_eer": dev_eer,
-                                            "dev_s": time.perf_counter() - t_dev, "wall_s": time.perf_counter() - t_start})
+                if main:
+                    append_jsonl(metrics_path, {"epoch": epoch if finished else epoch + 1, "step": step,
+                                                "dev_eer": dev_eer, "dev_s": time.perf_counter() - t_dev,
+                                                "wall_s": time.perf_counter() - t_start})
                 console.print(
                     f"epoch {epoch if finished else epoch + 1}/{tc.epochs}  step {step}  loss {loss_value:.4f}  "
                     f"dev EER {dev_eer:.2f}%" + ("  (best)" if improved else "")
@@ -358,7 +412,8 @@ def fit(cfg: Config, out: Path, device: str = "auto", console: Console | None = 
         except Interrupted as exc:
             raise Interrupted(f"{exc}; resume with: lowmem-aasist fit --out {out} --resume", exc.exit_code) from None
 
-    plot_run(metrics_path, out / "training.png")
+    if main:
+        plot_run(metrics_path, out / "training.png")
     return FitResult(
         out=out,
         steps=step,

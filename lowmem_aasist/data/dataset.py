@@ -120,21 +120,39 @@ class EvalInputs(Dataset):
 
 
 class EpochSampler(Sampler):
-    """A fresh permutation of ``indices`` per epoch from (seed, epoch), yielding (index, epoch) keys; ``skip``
-    resumes mid-epoch."""
+    """A fresh permutation of ``indices`` per epoch from (seed, epoch), yielding (index, epoch) keys.
 
-    def __init__(self, indices: np.ndarray, seed: int) -> None:
+    With ``batch``, only whole global batches are yielded (the reference recipe drops the last partial one), and
+    with ``world`` > 1 this rank's share of each: rank r takes items [r * batch / world, (r + 1) * batch / world) of
+    every global batch, so the ranks together see exactly the single-process batches. ``skip`` (global items,
+    whole batches under several ranks) resumes mid-epoch.
+    """
+
+    def __init__(self, indices: np.ndarray, seed: int, batch: int = 0, rank: int = 0, world: int = 1) -> None:
+        if world > 1 and (not batch or batch % world):
+            raise ValueError(f"batch {batch} must be a multiple of the world size {world}")
         self.indices, self.seed, self.epoch, self.skip = np.asarray(indices, dtype=np.int64), seed, 0, 0
+        self.batch, self.rank, self.world = batch, rank, world
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch, self.skip = epoch, skip
 
+    def _order(self) -> np.ndarray:
+        order = np.random.default_rng([self.seed, self.epoch, 0x5EED]).permutation(self.indices)
+        if self.batch:
+            order = order[: len(order) // self.batch * self.batch]
+        order = order[self.skip :]
+        if self.world > 1:
+            per = self.batch // self.world
+            order = order[: len(order) // self.batch * self.batch].reshape(-1, self.batch)
+            order = order[:, self.rank * per : (self.rank + 1) * per].reshape(-1)
+        return order
+
     def __len__(self) -> int:
-        return max(len(self.indices) - self.skip, 0)
+        return len(self._order())
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = np.random.default_rng([self.seed, self.epoch, 0x5EED]).permutation(self.indices)
-        for i in order[self.skip :]:
+        for i in self._order():
             yield int(i), self.epoch
 
 
