@@ -1,0 +1,142 @@
+"""Render the README's measured-results section from the result files, so no figure in it is typed by hand.
+
+    python benchmarks/render_readme.py          # rewrite the block between the markers in README.md
+    python benchmarks/render_readme.py --check  # exit 1 if README.md is out of date (the test suite runs this)
+
+Reads ``benchmarks/results/*/budget_sweep.jsonl`` (one table per device, naming it, its driver and the versions)
+and ``benchmarks/results/*/memory_matrix.jsonl`` (activation memory per sample at the paper's crop, per policy), and
+draws ``benchmarks/results/summary.png`` (peak against cap for every device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- results:begin (benchmarks/render_readme.py) -->", "<!-- results:end -->"
+MiB = 2**20
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _sweep_table(folder: Path, rows: list[dict]) -> list[str]:
+    first = rows[0]
+    what = f"{first['device']}" + (f", driver {first['driver']}, CUDA {first['cuda']}" if first.get("cuda") else " (CPU)")
+    lines = [f"**{what}**, torch {first['torch']} (`{folder.relative_to(ROOT)}/budget_sweep.md`; "
+             f"`{first.get('sweep_command', '')}`):", "",
+             "| model | budget | plan | predicted | measured peak | under | samples/s | vs baseline |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        budget = "baseline" if r["budget_bytes"] is None else f"{r['budget_bytes'] / MiB:,.0f} MiB"
+        if "error" in r:
+            lines.append(f"| {r['model']} | {budget} | did not run: {r['error'][:80]} | | | | | |")
+            continue
+        plan = f"{r['micro_batch']} x {r['grad_accum']} {r['precision']} {r['checkpoint']}"
+        pred = f"{r['predicted_peak_bytes'] / MiB:,.0f} MiB" if r.get("predicted_peak_bytes") else "-"
+        peak = r.get("measured_peak_bytes") or 0
+        under = "-" if r["budget_bytes"] is None else ("yes" if 0 < peak <= r["budget_bytes"] else "NO")
+        ratio = (f"{r['samples_per_s'] / r['baseline_samples_per_s']:.2f}x"
+                 if r.get("baseline_samples_per_s") and r.get("samples_per_s") else "-")
+        lines.append(f"| {r['model']} | {budget} | {plan} | {pred} | {peak / MiB:,.0f} MiB | {under} | "
+                     f"{r['samples_per_s']:.2f} | {ratio} |")
+    return lines
+
+
+def _per_sample(folder: Path, rows: list[dict]) -> list[str]:
+    """Activation memory per sample (the slope between micro-batches) per configuration at the longest crop."""
+    crop = max(r["crop"] for r in rows)
+    by_config: dict[tuple, dict[int, int]] = {}
+    for r in rows:
+        if r["crop"] == crop and r.get("model", "AASIST") == "AASIST":
+            key = (r["precision"], "lean" if r.get("lean_blocks") else "stock", r["checkpoint"], r.get("optimizer", "adam"))
+            by_config.setdefault(key, {})[r["micro_batch"]] = r["measured_peak_bytes"]
+    lines = [f"Activation memory per sample, AASIST at crop {crop:,} (`{folder.relative_to(ROOT)}/memory_matrix.md`, "
+             f"{rows[0]['device']}):", "", "| precision | blocks | checkpoint | optimizer | MiB per sample |", "| --- | --- | --- | --- | --- |"]
+    for (precision, blocks, ckpt, opt), peaks in sorted(by_config.items()):
+        if len(peaks) >= 2:
+            lo, hi = sorted(peaks)[:2]
+            lines.append(f"| {precision} | {blocks} | {ckpt} | {opt} | {(peaks[hi] - peaks[lo]) / (hi - lo) / MiB:,.1f} |")
+    return lines
+
+
+def render() -> str:
+    parts: list[str] = []
+    for folder in sorted(p for p in RESULTS.iterdir() if p.is_dir()):
+        sweep, matrix = folder / "budget_sweep.jsonl", folder / "memory_matrix.jsonl"
+        if sweep.is_file():
+            parts += [*_sweep_table(folder, _rows(sweep)), ""]
+        if matrix.is_file():
+            parts += [*_per_sample(folder, _rows(matrix)), ""]
+    gpu = any((f / "budget_sweep.jsonl").is_file() for f in RESULTS.iterdir() if f.is_dir() and f.name != "cpu")
+    if not gpu:
+        parts += ["No GPU results yet: no NVIDIA GPU has been available to this project. The GPU rows "
+                  "(`python benchmarks/budget_sweep.py --fp16` and `benchmarks/memory_matrix.py` on the card) are the first "
+                  "thing to produce when one is.", ""]
+    return "\n".join([BEGIN, "", *parts, END])
+
+
+def chart(path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    top = 0.0
+    for folder in sorted(p for p in RESULTS.iterdir() if p.is_dir()):
+        sweep = folder / "budget_sweep.jsonl"
+        if not sweep.is_file():
+            continue
+        for model in sorted({r["model"] for r in _rows(sweep)}):
+            mine = [r for r in _rows(sweep) if r["model"] == model and r["budget_bytes"] and r.get("measured_peak_bytes")]
+            if mine:
+                ax.plot([r["budget_bytes"] / MiB for r in mine], [r["measured_peak_bytes"] / MiB for r in mine], "o-",
+                        label=f"{folder.name}: {model}")
+                top = max(top, *(r["budget_bytes"] / MiB for r in mine))
+    if not top:
+        plt.close(fig)
+        return False
+    ax.plot([0, top], [0, top], "k:", lw=1, label="cap")
+    ax.set(xlabel="budget (MiB)", ylabel="measured peak (MiB)", title="peak memory under each cap")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def replace_block(text: str, block: str) -> str:
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{README}: markers {BEGIN!r} ... {END!r} not found")
+    head, rest = text.split(BEGIN, 1)
+    return head + block + rest.split(END, 1)[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true", help="exit 1 when README.md differs from the result files")
+    args = p.parse_args(argv)
+    text = README.read_text()
+    new = replace_block(text, render())
+    if args.check:
+        if new != text:
+            print("README.md results section is out of date: run python benchmarks/render_readme.py")
+            return 1
+        return 0
+    README.write_text(new)
+    chart(RESULTS / "summary.png")
+    print(f"rendered {README} and {RESULTS / 'summary.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
