@@ -21,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-CHECKPOINT_POLICIES = ("none", "gat", "encoder", "block0-segments", "all")
+CHECKPOINT_POLICIES = ("none", "gat", "encoder", "block0-segments", "all", "block0", "tiled")
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 

@@ -206,8 +206,9 @@ def reference_step(base_model, batch) -> tuple[nn.Module, Tensor]:
     return ref, train_step(ref, batch)
 
 
+# tiled regroups BatchNorm's sums by tile, so it is bounded rather than bit-identical (tests/test_tiled.py).
 @pytest.mark.parametrize("lean", [False, True], ids=["stock-pool", "lean-pool"])
-@pytest.mark.parametrize("policy", list(POLICIES))
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "tiled"])
 def test_policy_step_is_bit_identical_in_fp32(base_model, batch, reference_step, policy, lean):
     ref, ref_loss = reference_step
     model = prepared(base_model, policy, lean)
@@ -231,7 +232,7 @@ def test_reference_step_is_sensitive(base_model, batch, reference_step):
     assert int(naive.get_submodule("encoder.0.0.bn2").num_batches_tracked) == 2
 
 
-@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "none"])
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p not in ("none", "tiled")])  # tiled: test_tiled.py
 def test_policy_bf16_autocast_close_to_unmodified_bf16(base_model, batch, policy):
     ref = copy.deepcopy(base_model)
     ref_loss = train_step(ref, batch, bf16=True)
