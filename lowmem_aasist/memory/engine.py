@@ -30,8 +30,8 @@ AUTO_POLICIES = ("none", "block0", "tiled")
 """Policies the planner weighs on its own. The others never win, measured (benchmarks/results/cpu/memory_matrix.md,
 AASIST at 64,600): ``gat`` has the peak of ``none`` (the graph layers hold ~1 MiB per sample) at a little more
 time; ``encoder`` is *above* ``none`` once the lean pool is in; ``all`` has the peak of ``block0-segments`` with
-more recompute; ``block0`` (block 0 as one autograd Function) has a lower peak than ``block0-segments`` (bf16: 67
-vs 97.5 MiB per sample) at a cost charged the same, so ``block0-segments`` cannot win either; ``tiled`` is the lowest
+more recompute; ``block0`` (block 0 as one autograd Function) has a lower peak than ``block0-segments`` (bf16: 57.1
+vs 97.5 MiB per sample) at the same measured speed (0.84 vs 0.85 s per sample, micro-batch 2), charged the same, so ``block0-segments`` cannot win either; ``tiled`` is the lowest
 peak (42.9) for budgets nothing else fits. The others stay available by name (``--checkpoint gat``), and leaving them
 out keeps a first probe short."""
 CALIBRATION_MICRO_BATCHES = (2, 4)
