@@ -8,8 +8,6 @@ is replaced by another utterance and the failure travels with the batch for the 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..audio import AudioError, audio_info, read_segment, tile
 from ..interrupt import ignore_sigint_in_worker
+from ..malloc import set_malloc_thresholds
 from .split import Split
 
 
@@ -176,7 +175,6 @@ class _Collate:
         return collate(items, self.labels)
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 WORKER_MMAP_THRESHOLD = 64 << 20
 
 
@@ -186,14 +184,7 @@ def _init_worker(worker_id: int) -> None:
     for the next item; measured, that made one worker 25-30% slower than decoding in the main process
     (benchmarks/results/cpu/loader.md). Workers hold no activations, so keeping the pages costs a few MiB."""
     ignore_sigint_in_worker(worker_id)
-    name = ctypes.util.find_library("c")
-    if name:
-        try:
-            libc = ctypes.CDLL(name)
-            libc.mallopt(_M_MMAP_THRESHOLD, WORKER_MMAP_THRESHOLD)
-            libc.mallopt(_M_TRIM_THRESHOLD, WORKER_MMAP_THRESHOLD)
-        except (OSError, AttributeError):  # not glibc: its allocator's defaults stand
-            pass
+    set_malloc_thresholds(WORKER_MMAP_THRESHOLD)
 
 
 def default_workers() -> int:

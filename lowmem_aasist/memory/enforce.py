@@ -10,16 +10,12 @@ the kernel's resident high-water mark, reset after each reading.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 
 import torch
 
+from ..malloc import set_malloc_thresholds
 from .measure import reset_rss_peak, rss_peak
-
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
 
 
 def enable_expandable_segments() -> None:
@@ -33,15 +29,7 @@ def enable_expandable_segments() -> None:
 
 def release_freed_memory_promptly(mmap_threshold: int = 1 << 20) -> bool:
     """glibc: serve blocks >= ``mmap_threshold`` by mmap and trim the heap eagerly; False where not glibc."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
-        return ok and libc.mallopt(_M_TRIM_THRESHOLD, mmap_threshold) == 1
-    except (OSError, AttributeError):
-        return False
+    return set_malloc_thresholds(mmap_threshold)
 
 
 def enforce_budget(device: torch.device, budget_bytes: int, context_bytes: int) -> str:
