@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import lowmem_aasist.memory.tiled as tiled_mod
+from lowmem_aasist.memory.engine import prepare_model
 from lowmem_aasist.memory.estimate import estimate_step_peak
 from lowmem_aasist.memory.techniques import apply_checkpointing, apply_lean_pooling
-from lowmem_aasist.memory.tiled import DEFAULT_TILE, TiledBlock0Function, apply_tiled
+from lowmem_aasist.memory.tiled import DEFAULT_TILE, TiledBlock0Function, _pack, _unpack, apply_tiled
 from lowmem_aasist.model import AASIST, ResidualBlock
 
 CROP = 6000  # front end output: 1,957 frames (W % 3 == 1, so the pool drops a frame)
@@ -166,7 +168,7 @@ def rel_norm(a: Tensor, b: Tensor) -> float:
 
 @pytest.mark.parametrize(
     ("arch", "tile", "blocks"),
-    [("AASIST-L", 3 * 100, (0,)), ("AASIST-L", 3 * 1000, (0,)), ("AASIST", 3 * 100, (0,)), ("AASIST", 3 * 50, (0, 1))],
+    [("AASIST-L", 3 * 100, (0,)), ("AASIST-L", 3 * 1000, (0,)), ("AASIST", 3 * 100, (0,)), ("AASIST", 3 * 50, (0, 1, 2))],
 )
 def test_step_fp32_matches_stock(base_models, batches, arch, tile, blocks):
     base, batch = base_models[arch], batches[arch]
@@ -276,8 +278,18 @@ def test_block0_keeps_only_input_offsets_and_statistics():
     x = torch.randn(2, 1, 23, WIDTH, requires_grad=True)
     params = sum(p.numel() * p.element_size() for p in block.parameters())
     n, out = saved_bytes(lambda: block(x))
-    offsets = out.numel()  # one uint8 per output element
+    batch, channels, height, frames = out.shape
+    offsets = batch * -(-channels // 4) * height * frames  # 2 bits per output element, four channels to a byte
     assert n == x.numel() * 4 + offsets + params + 2 * 32 * 4  # plus the per-channel mean and inverse std
+
+
+@pytest.mark.parametrize("channels", [1, 4, 5, 32])
+def test_pool_offsets_pack_four_to_a_byte_and_unpack_exactly(channels):
+    offsets = torch.randint(0, 3, (2, channels, 3, 7), dtype=torch.uint8)
+    packed = _pack(offsets)
+    assert packed.dtype == torch.uint8 and packed.shape == (2, -(-channels // 4), 3, 7)
+    assert torch.equal(_unpack(packed, channels), offsets.long())
+    assert torch.equal(_unpack(packed[..., 2:5], channels), offsets[..., 2:5].long())  # any window range alone
 
 
 def test_estimator_runs_tiled_and_sees_less_memory():
@@ -291,3 +303,20 @@ def test_estimator_runs_tiled_and_sees_less_memory():
     stock = estimate_step_peak("AASIST", 2, 16_000, 2, "bf16", prepare=lean)
     small = estimate_step_peak("AASIST", 2, 16_000, 2, "bf16", prepare=tiled)
     assert small < 0.85 * stock, (small, stock)  # 0.79 measured; the fixed state weighs more at 1 s
+
+
+def test_estimator_runs_representative_tiles_with_the_same_peak(monkeypatch):
+    # Under fake tensors only the first two and last two tiles run; the peak must be that of the whole loop.
+    def prepare(model: nn.Module) -> None:
+        prepare_model(model, "tiled")
+
+    loops: list[int] = []
+    tiles = tiled_mod._tiles
+    monkeypatch.setattr(tiled_mod, "_tiles", lambda *a: loops.append(len(r := tiles(*a))) or r)
+    short = [estimate_step_peak("AASIST-L", mb, 16_000, mb, "bf16", prepare=prepare) for mb in (1, 2)]
+    assert max(loops) == 4  # block 0 has 14 tiles of 384 frames at this crop
+    monkeypatch.setattr(tiled_mod, "is_fake", lambda t: False)
+    loops.clear()
+    full = [estimate_step_peak("AASIST-L", mb, 16_000, mb, "bf16", prepare=prepare) for mb in (1, 2)]
+    assert max(loops) == 14
+    assert short == full

@@ -327,11 +327,12 @@ POLICIES: dict[str, Callable[[str, nn.Module], bool]] = {
     "all": lambda name, module: _is_block(name, module) or _is_graph(name, module),
     # Block 0 as one autograd Function that saves only its input, uint8 pool offsets and BatchNorm's statistics,
     # and recomputes the rest in backward a few channels or a time chunk at a time (see .block0); blocks 1-5 as in
-    # block0-segments. Bit-identical steps; AASIST, crop 64,600, CPU: 57 / 112 MiB per bf16 / fp32 sample, at the
-    # speed of block0-segments.
+    # block0-segments. Bit-identical steps; AASIST, crop 64,600, CPU: 59 / 112 MiB per bf16 / fp32 sample, at about
+    # the speed of block0-segments in bf16.
     "block0": _is_block,
-    # Blocks 0 and 1 time-tiled with a two-pass BatchNorm (see .tiled), blocks 2-5 as in block0-segments. The lowest
-    # peak of all (AASIST, crop 64,600, CPU: 42.9 MiB per bf16 sample) at the most extra compute.
+    # Blocks 0-2 time-tiled with a two-pass BatchNorm and 2-bit pool offsets (see .tiled), blocks 3-5 as in
+    # block0-segments. The lowest peak of all (AASIST, crop 64,600, CPU: 31.2 / 58.2 MiB per bf16 / fp32 sample), and
+    # on this CPU no slower than block0.
     "tiled": _is_block,
 }
 
@@ -345,9 +346,10 @@ _SEGMENTED: dict[str, Callable[[str, nn.Module], bool]] = {
     "tiled": _is_block,
 }
 
-TILED_TILE, TILED_BLOCKS = 384, (0, 1)
-"""The ``tiled`` policy's tile (frames, a multiple of the pool's 3) and blocks: measured, tiles of 384 and 192 give
-the same peak with blocks 0 and 1 tiled, while 1,536 leaves 57 MiB per sample."""
+TILED_TILE, TILED_BLOCKS = 384, (0, 1, 2)
+"""The ``tiled`` policy's tile (frames, a multiple of the pool's 3) and blocks. Measured (AASIST, bf16, crop 64,600):
+blocks 0 and 1 alone leave the peak in block 2's segmented backward; tiling block 2 too moves it to block 1's
+backward. Tiles of 192 frames lower it by under 1 MiB per sample; 1,536 leave 57 MiB per sample."""
 
 
 def _custom_blocks(model: nn.Module, policy: str) -> list[str]:
