@@ -5,7 +5,9 @@
 For each configuration (precision x checkpoint policy x lean building blocks x optimizer) and each micro-batch,
 one steady-state training step is measured: the live-tensor peak (exact, a dispatch-mode tracker), the process
 peak (RSS on CPU; allocator reserve on CUDA), the step time, and the cosine of its gradient with the unmodified
-fp32 recipe's gradient on the same weights, data and dropout masks. The prediction is the planner's memory model
+fp32 recipe's gradient on the same weights, data and dropout masks, and its relative difference from the unmodified
+model's gradient at the row's own precision (what the policy itself changes: 0 for exact policies, rounding for
+``tiled``, whose tile order changes the order of additions). The prediction is the planner's memory model
 (fixed + slope, calibrated by the fake-tensor estimator at micro-batch 1 and 2), so rows at other micro-batches
 test its extrapolation. Rows go to ``memory_matrix.jsonl``; a markdown table and a PNG chart are written beside.
 Prints what it measured, on which device, with the command. Asserts nothing.
@@ -32,6 +34,7 @@ from lowmem_aasist.memory.plan import REF_CROP, Cost, Technique
 from lowmem_aasist.model import AASIST
 
 MiB = 2**20
+GRAD_BATCH = 2  # gradients compared on one micro-batch of 2 (the planner's smallest) at crop min(crop, 16,000)
 
 
 @dataclass(frozen=True)
@@ -52,12 +55,16 @@ CONFIGS = [
     Row("fp32", "none", lean=True),
     Row("fp32", "encoder", lean=True),
     Row("fp32", "block0-segments", lean=True),
+    Row("fp32", "block0", lean=True),
+    Row("fp32", "tiled", lean=True),
     Row("bf16", "none", lean=False),
     Row("bf16", "none", lean=True),
     Row("bf16", "gat", lean=True),
     Row("bf16", "encoder", lean=False),
     Row("bf16", "encoder", lean=True),
     Row("bf16", "block0-segments", lean=True),
+    Row("bf16", "block0", lean=True),
+    Row("bf16", "tiled", lean=True),
     Row("bf16", "block0-segments", lean=True, optimizer="adam8bit"),
     Row("fp32", "none", lean=True, optimizer="adam8bit"),
 ]
@@ -115,13 +122,16 @@ def main() -> None:
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     args.out.mkdir(parents=True, exist_ok=True)
     configs = [r for r in CONFIGS if not args.only or any(s in r.label for s in args.only)]
-    reference = gradient(args.model, CONFIGS[0], device, 1, min(args.crop, 16_000))
+    grad_crop = min(args.crop, 16_000)
+    stock = {p: gradient(args.model, Row(p, "none", lean=False), device, GRAD_BATCH, grad_crop)
+             for p in sorted({r.precision for r in configs} | {"fp32"})}
     rows = []
     for row in configs:
         cost = row_cost(args.model, row)
-        cosine = torch.nn.functional.cosine_similarity(
-            gradient(args.model, row, device, 1, min(args.crop, 16_000)), reference, dim=0
-        ).item()
+        g = gradient(args.model, row, device, GRAD_BATCH, grad_crop)
+        cosine = torch.nn.functional.cosine_similarity(g, stock["fp32"], dim=0).item()
+        same = stock[row.precision]
+        diff = ((g - same).norm() / same.norm()).item()
         for micro in args.micro:
             model = build_model(args.model, row, device)
             optimizer = make_optimizer(row.optimizer, model.parameters(), 1e-4, (0.9, 0.999), 1e-4)
@@ -148,6 +158,7 @@ def main() -> None:
                 "step_s": round(mem.step_s, 3),
                 "samples_per_s": round(micro / mem.step_s, 3),
                 "grad_cosine_vs_fp32": round(cosine, 6),
+                "grad_rel_diff_vs_stock_same_precision": float(f"{diff:.3g}"),
                 "wall_s": round(wall, 1),
                 "command": command,
             }
@@ -183,11 +194,14 @@ def write_markdown(rows: list[dict], path: Path, command: str) -> None:
         "",
         "Measured = exact live-tensor peak of one steady-state training step; predicted = the planner's memory model "
         "(fixed + slope from the fake-tensor estimator at micro-batch 1 and 2, crop 64,600, scaled linearly to the row); "
-        "slope = measured MiB per extra sample. Step times on a shared 2-core CPU: compare within one file only.",
+        "slope = measured MiB per extra sample. Step times on a shared 2-core CPU: compare within one file only. "
+        f"Gradients: one micro-batch of {GRAD_BATCH} at crop {min(r0['crop'], 16_000):,}, same weights, data and "
+        "dropout masks; cosine against the unmodified fp32 recipe, and relative difference (norm of the difference "
+        "over the norm) against the unmodified recipe at the row's own precision.",
         "",
         "| precision | blocks | checkpoint | optimizer | micro | measured MiB | predicted MiB | error | slope MiB/sample "
-        "| RSS MiB | s/step | samples/s | grad cos vs fp32 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| RSS MiB | s/step | samples/s | grad cos vs fp32 | grad diff vs stock, same precision |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         key = (r["precision"], r["checkpoint"], r["lean_blocks"], r["optimizer"])
@@ -198,7 +212,8 @@ def write_markdown(rows: list[dict], path: Path, command: str) -> None:
         lines.append(
             f"| {r['precision']} | {'lean' if r['lean_blocks'] else 'stock'} | {r['checkpoint']} | {r['optimizer']} | "
             f"{r['micro_batch']} | {r['measured_peak_bytes'] / MiB:,.1f} | {pred / MiB:,.1f} | {err} | "
-            f"{slope} | {rss} | {r['step_s']:.2f} | {r['samples_per_s']:.2f} | {r['grad_cosine_vs_fp32']:.4f} |"
+            f"{slope} | {rss} | {r['step_s']:.2f} | {r['samples_per_s']:.2f} | {r['grad_cosine_vs_fp32']:.4f} | "
+            f"{r['grad_rel_diff_vs_stock_same_precision']:.2g} |"
         )
     path.write_text("\n".join(lines) + "\n")
 

@@ -24,16 +24,16 @@ from .device import DeviceFacts
 from .plan import REF_CROP, Cost, Overheads, Plan, Technique, best_plan
 from .techniques import apply_channels_last, apply_checkpointing, apply_lean_pooling
 
-CACHE_VERSION = 6
+CACHE_VERSION = 7
 
-AUTO_POLICIES = ("none", "block0", "tiled")
+AUTO_POLICIES = ("none", "tiled")
 """Policies the planner weighs on its own. The others never win, measured (benchmarks/results/cpu/memory_matrix.md,
-AASIST at 64,600): ``gat`` has the peak of ``none`` (the graph layers hold ~1 MiB per sample) at a little more
+AASIST at 64,600, bf16): ``gat`` has the peak of ``none`` (the graph layers hold ~1 MiB per sample) at a little more
 time; ``encoder`` is *above* ``none`` once the lean pool is in; ``all`` has the peak of ``block0-segments`` with
-more recompute; ``block0`` (block 0 as one autograd Function) has a lower peak than ``block0-segments`` (bf16: 57.1
-vs 97.5 MiB per sample) at the same measured speed (0.84 vs 0.85 s per sample, micro-batch 2), charged the same, so ``block0-segments`` cannot win either; ``tiled`` is the lowest
-peak (42.9) for budgets nothing else fits. The others stay available by name (``--checkpoint gat``), and leaving them
-out keeps a first probe short."""
+more recompute; ``block0-segments`` (97.5 MiB per sample) and ``block0`` (58.8) are both above ``tiled`` (31.2) and
+no faster (per-sample step time against ``none``: 1.36x, 1.43x and 1.32x). The others stay available by name
+(``--checkpoint block0`` is the exact one: bit-identical steps, where ``tiled`` changes rounding), and leaving
+them out keeps a first probe short."""
 CALIBRATION_MICRO_BATCHES = (2, 4)
 
 

@@ -55,6 +55,8 @@ ROWS: tuple[tuple[str, str, bool], ...] = (
     ("bf16", "gat", True),
     ("bf16", "encoder", True),
     ("bf16", "block0-segments", True),
+    ("bf16", "block0", True),
+    ("bf16", "tiled", True),
 )
 
 # bitsandbytes' 8-bit Adam (Optimizer2State): two uint8 moments plus one float32 absmax per 256-element block, for

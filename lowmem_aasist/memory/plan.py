@@ -28,10 +28,11 @@ and one value per channel has no variance (PyTorch refuses it in training mode).
 # Relative cost of a training step per sample, used only to rank plans that fit (measured on a 2-core CPU, AASIST,
 # crop 64,600, s/sample: fp32 1.19, bf16 0.65, bf16 + checkpoint each block 0.98, + block 0 in segments 1.08).
 PRECISION_COST = {"fp32": 1.0, "bf16": 0.55, "fp16": 0.55}
-# block0 is charged as block0-segments (measured on CPU: 0.84 vs 0.85 s per sample at micro-batch 2); tiled more, since its
-# tiles recompute conv1 with halos and add per-tile overhead (~2x block 0's forward at small crops, measured).
-CHECKPOINT_COST = {"none": 1.0, "gat": 1.02, "encoder": 1.5, "block0-segments": 1.65, "all": 1.7, "block0": 1.65,
-                   "tiled": 1.8}
+# Checkpoint policies, bf16 step time per sample against none (benchmarks/results/cpu/memory_matrix.md, micro-batch 2
+# and 4 summed): encoder 1.52, block0-segments 1.36, block0 1.43, tiled 1.32. Rounded up a little, and tiled
+# charged below block0: on this CPU it measured no slower in bf16 and faster in fp32 (0.99x against block0's 1.89x).
+CHECKPOINT_COST = {"none": 1.0, "gat": 1.02, "encoder": 1.5, "block0-segments": 1.4, "all": 1.45, "block0": 1.45,
+                   "tiled": 1.4}
 OPTIMIZER_COST = {"adam": 1.0, "adam8bit": 1.01}
 
 
