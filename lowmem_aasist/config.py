@@ -133,7 +133,7 @@ class MemoryConfig:
     """Memory budget to plan for: "" (no planning: the plain recipe), "auto" (free memory minus a margin) or a size
     such as 6GB (GB = GiB = 2^30 bytes). On CUDA the process's GPU memory as NVML counts it; on CPU its peak RSS."""
     checkpoint: str = "auto"
-    """Activation-checkpointing policy, or auto (the planner chooses): none, gat, encoder, block0-segments, all."""
+    """Activation-checkpointing policy, or auto (the planner chooses): one of CHECKPOINT_POLICIES."""
     optimizer: str = "adam"
     """adam (the paper's), adam8bit or adamw8bit (bitsandbytes; saves ~1.4 MiB on AASIST), or auto."""
     micro_batch: int = 0

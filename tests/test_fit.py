@@ -61,6 +61,17 @@ def test_fit_writes_every_run_file(corpus, tmp_path):
         assert load_model(out / "checkpoints" / name).arch.name == "AASIST-L"  # strict load
 
 
+@pytest.mark.parametrize("policy", ["block0", "tiled"])
+def test_fit_with_each_hand_scheduled_policy_in_the_demo_layout(corpus, tmp_path, policy):
+    # The demo profile trains channels-last in bf16 where native; the custom blocks must take that layout.
+    assert load_config("demo", {}).train.channels_last
+    cfg = _quick_cfg(corpus, max_steps=2, epochs=1)
+    cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, checkpoint=policy))
+    result = fit(cfg, tmp_path / "run")
+    assert result.steps == 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["resolved"]["checkpoint"] == policy
+
+
 def test_refuses_non_empty_out_and_missing_data(corpus, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()

@@ -198,7 +198,8 @@ def _forward(
         o = F.conv2d(a, w2c, b2c)
         del a
         o += F.conv2d(_frames(xc, s - 1, e + 1, width), wdc, bdc) if wdc is not None else xc[..., s:e]
-        rows = o.view(-1, 1, 1, e - s)  # each (b, c, h) row pooled alone, so indices are plain time positions
+        # Each (b, c, h) row pooled alone, so indices are plain time positions; a copy only when o is channels-last.
+        rows = o.reshape(-1, 1, 1, e - s)
         values, idx = F.max_pool2d(rows, (1, 3), return_indices=True)
         del o, rows
         j = s // 3
