@@ -359,11 +359,24 @@ def test_lean_pool_bit_identical_on_cuda(dtype, fmt):
 def test_policy_step_on_cuda(base_model, batch, policy, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 rounding would swamp what is compared
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     cuda_batch = tuple(t.cuda() for t in batch)
     ref = copy.deepcopy(base_model).cuda()
     ref_loss = train_step(ref, cuda_batch)
     model = prepared(base_model, policy, lean=True).cuda()
     loss = train_step(model, cuda_batch)
+    if policy in ("block0", "tiled"):
+        # Other kernels (plane chunks, tiles) sum in another order: compared in norm over all gradients, at the
+        # bounds of issue 8 (block0: 1e-6, tiled: the 1e-3 its CPU test holds it to).
+        bound = 1e-6 if policy == "block0" else 1e-3
+        assert torch.allclose(loss, ref_loss, rtol=1e-5)
+        grads = [(p.grad, q.grad) for p, q in zip(ref.parameters(), model.parameters(), strict=True) if p.grad is not None]
+        a, b = (torch.cat([g[i].double().flatten() for g in grads]) for i in (0, 1))
+        assert ((a - b).norm() / a.norm()).item() <= bound
+        for (name, x), (_, y) in zip(ref.named_buffers(), model.named_buffers(), strict=True):
+            assert torch.allclose(x.double(), y.double(), rtol=1e-5, atol=1e-7), name
+        return
     assert torch.allclose(loss, ref_loss, rtol=1e-6)
     for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters(), strict=True):
         if p.grad is not None:
