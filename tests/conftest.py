@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -11,7 +14,20 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WEIGHTS = SHARED / "weights"
 REFERENCE = SHARED / "reference"
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def load_benchmark(script: str, module_name: str | None = None) -> ModuleType:
+    """benchmarks/<script>.py as a module (benchmarks/ is not a package), registered in sys.modules under
+    ``module_name`` (default: the script's name) so that pickles of its classes, e.g. for DataLoader workers, resolve."""
+    spec = importlib.util.spec_from_file_location(module_name or script, BENCHMARKS / f"{script}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True, scope="session")

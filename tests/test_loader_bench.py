@@ -3,34 +3,21 @@ training input's peak memory staying flat as the corpus grows."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import psutil
 import pytest
 import soundfile as sf
+from conftest import load_benchmark
 
 from lowmem_aasist.data.load import load_split
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "loader.py"
 MiB = 2**20
 FIELDS = {"device", "method", "workers", "files", "crop", "samples", "samples_per_s", "peak_rss_bytes", "torch"}
 
 
-def _load_bench() -> ModuleType:
-    # benchmarks/ is not a package; load the script as a module, as the CLI's --single child runs it.
-    spec = importlib.util.spec_from_file_location("loader_bench", BENCH)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # DataLoader workers unpickle its Dataset by module name
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_benchmark("loader", "loader_bench")  # DataLoader workers unpickle its Dataset by module name
 
 
 def write_la2019(root: Path, lengths: list[int], seed: int = 0) -> Path:

@@ -19,6 +19,7 @@ window (W % 3 of them) are not pooled, so they get no gradient, but they still c
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.function import once_differentiable
 from torch.nn.grad import conv2d_input, conv2d_weight
 
+from ..malloc import heap_reuse
 from ..model import ResidualBlock
 from .techniques import _CheckpointedForward
 
@@ -36,6 +38,10 @@ __all__ = ["DEFAULT_TILE", "TiledBlock0Function", "apply_tiled"]
 DEFAULT_TILE = 3 * 512
 """Frames per tile. 1,536 frames keep each tile map of block 0 to ~2.3 MiB per bf16 sample while leaving few enough
 tiles (14 at the reference crop) that the per-call overhead stays small."""
+
+HEAP_REUSE_BELOW = 512 << 20
+"""CPU: tile temporaries below this many bytes come from the heap inside the tile loops (the largest, block 2's
+float32 maps at micro-batch 24, are ~57 MB); the loops' end hands the freed heap back."""
 
 # F.selu's constants: SELU is ELU with these alpha and scale, and its backward is elu_backward on its result.
 _SELU_ALPHA = 1.6732632423543772848170429916717
@@ -96,6 +102,13 @@ def _tiles(width: int, tile: int, like: Tensor) -> list[tuple[int, int]]:
     """
     tiles = [(s, min(s + tile, width)) for s in range(0, width, tile)]
     return tiles[:2] + tiles[-2:] if is_fake(like) and len(tiles) > 4 else tiles
+
+
+def _heap_reuse(like: Tensor) -> contextlib.AbstractContextManager:
+    """CPU: let the tile loop reuse heap blocks for its temporaries (see :func:`..malloc.heap_reuse`)."""
+    if like.device.type != "cpu" or is_fake(like):
+        return contextlib.nullcontext()
+    return heap_reuse(HEAP_REUSE_BELOW)
 
 
 def _channel_view(v: Tensor) -> Tensor:
@@ -171,16 +184,17 @@ def _forward(
     # precision the CPU kernel accumulates float32 statistics in; a plain sum of squares would cancel badly.
     count = 0
     mean = m2 = torch.zeros(c_out, dtype=torch.float64, device=x.device)
-    for s, e in tiles:
-        h = _conv1(xc, w1c, b1c, s, e, width).float()
-        var_t, mean_t = torch.var_mean(h, dim=(0, 2, 3), correction=0)
-        n_t = h.numel() // c_out
-        del h
-        delta = mean_t.double() - mean
-        total = count + n_t
-        mean = mean + delta * (n_t / total)
-        m2 = m2 + var_t.double() * n_t + delta * delta * (count * n_t / total)
-        count = total
+    with _heap_reuse(x):  # the tiles allocate and free the same temporaries over and over
+        for s, e in tiles:
+            h = _conv1(xc, w1c, b1c, s, e, width).float()
+            var_t, mean_t = torch.var_mean(h, dim=(0, 2, 3), correction=0)
+            n_t = h.numel() // c_out
+            del h
+            delta = mean_t.double() - mean
+            total = count + n_t
+            mean = mean + delta * (n_t / total)
+            m2 = m2 + var_t.double() * n_t + delta * delta * (count * n_t / total)
+            count = total
     invstd = (m2 / count + bn.eps).rsqrt().float()
     _update_running_stats(bn, mean, m2 / max(count - 1, 1))
     mean32 = mean.float()
@@ -190,23 +204,24 @@ def _forward(
     w_out = width // 3
     out = torch.empty((batch, c_out, height, w_out), dtype=dtype, device=x.device)
     offsets = torch.empty((batch, -(-c_out // 4), height, w_out), dtype=torch.uint8, device=x.device)
-    for s, e in tiles:
-        n = (e - s) // 3
-        if not n:
-            continue  # a last tile of only the 1-2 frames the pool drops: no output (they did count in the stats)
-        a = _padded_selu(xc, w1c, b1c, scale, shift, s, e, width, dtype)
-        o = F.conv2d(a, w2c, b2c)
-        del a
-        o += F.conv2d(_frames(xc, s - 1, e + 1, width), wdc, bdc) if wdc is not None else xc[..., s:e]
-        # Each (b, c, h) row pooled alone, so indices are plain time positions; a copy only when o is channels-last.
-        rows = o.reshape(-1, 1, 1, e - s)
-        values, idx = F.max_pool2d(rows, (1, 3), return_indices=True)
-        del o, rows
-        j = s // 3
-        out[..., j : j + n].copy_(values.view(batch, c_out, height, n))
-        starts = torch.arange(0, 3 * n, 3, device=x.device)
-        offsets[..., j : j + n].copy_(_pack(idx.sub_(starts).to(torch.uint8).view(batch, c_out, height, n)))
-        del values, idx
+    with _heap_reuse(x):  # the tiles allocate and free the same temporaries over and over
+        for s, e in tiles:
+            n = (e - s) // 3
+            if not n:
+                continue  # a last tile of only the 1-2 frames the pool drops: no output (they did count in the stats)
+            a = _padded_selu(xc, w1c, b1c, scale, shift, s, e, width, dtype)
+            o = F.conv2d(a, w2c, b2c)
+            del a
+            o += F.conv2d(_frames(xc, s - 1, e + 1, width), wdc, bdc) if wdc is not None else xc[..., s:e]
+            # Each (b, c, h) row pooled alone, so indices are plain time positions; a copy only when o is channels-last.
+            rows = o.reshape(-1, 1, 1, e - s)
+            values, idx = F.max_pool2d(rows, (1, 3), return_indices=True)
+            del o, rows
+            j = s // 3
+            out[..., j : j + n].copy_(values.view(batch, c_out, height, n))
+            starts = torch.arange(0, 3 * n, 3, device=x.device)
+            offsets[..., j : j + n].copy_(_pack(idx.sub_(starts).to(torch.uint8).view(batch, c_out, height, n)))
+            del values, idx
 
     ctx.save_for_backward(x, w1, b1, gamma, beta, w2, b2, wd, bd, mean32, invstd, offsets)
     ctx.tile, ctx.dtype, ctx.count = tile, dtype, count
@@ -289,56 +304,58 @@ def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
 
     # Pass 1: per tile, the gradients of conv2 and the shortcut for the tile's own outputs, and BatchNorm's two
     # sums over the tile's own frames of conv1's output (each needs the pool's gradient one frame beyond the tile).
-    for s, e in tiles:
-        g = _unpool(grad_out, offsets, s - 1, e + 1, width)  # the pool's input gradient on [s - 1, e + 1)
-        g_own = g[..., 1:-1]
-        a = _padded_selu(xc, w1c, b1c, scale, shift, s, e, width, dtype)
-        gw2 += conv2d_weight(a, w2.shape, g_own).float()
-        gb2 += g_own.sum(dims, dtype=torch.float32)
-        if gwd is not None and gbd is not None:
-            gwd += conv2d_weight(_frames(xc, s - 1, e + 1, width), wd.shape, g_own).float()
-            gbd += g_own.sum(dims, dtype=torch.float32)
-        # conv2's input gradient on [s, e) is complete here: it reads the pool gradient on [s - 1, e + 1).
-        da = conv2d_input((batch, c_out, h_mid, e - s), w2c, g, padding=(0, 2))
-        dy = _selu_backward(da, a[..., 1:-1]).float()
-        del a, da, g, g_own
-        # In place from here on: each extra tile-sized float32 map is part of the policy's peak.
-        xhat = _conv1(xc, w1c, b1c, s, e, width).float().sub_(_channel_view(mean)).mul_(_channel_view(invstd))
-        sum_dy += dy.sum(dims).double()
-        sum_dy_xhat += xhat.mul_(dy).sum(dims).double()
-        del dy, xhat
+    with _heap_reuse(x):  # the tiles allocate and free the same temporaries over and over
+        for s, e in tiles:
+            g = _unpool(grad_out, offsets, s - 1, e + 1, width)  # the pool's input gradient on [s - 1, e + 1)
+            g_own = g[..., 1:-1]
+            a = _padded_selu(xc, w1c, b1c, scale, shift, s, e, width, dtype)
+            gw2 += conv2d_weight(a, w2.shape, g_own).float()
+            gb2 += g_own.sum(dims, dtype=torch.float32)
+            if gwd is not None and gbd is not None:
+                gwd += conv2d_weight(_frames(xc, s - 1, e + 1, width), wd.shape, g_own).float()
+                gbd += g_own.sum(dims, dtype=torch.float32)
+            # conv2's input gradient on [s, e) is complete here: it reads the pool gradient on [s - 1, e + 1).
+            da = conv2d_input((batch, c_out, h_mid, e - s), w2c, g, padding=(0, 2))
+            dy = _selu_backward(da, a[..., 1:-1]).float()
+            del a, da, g, g_own
+            # In place from here on: each extra tile-sized float32 map is part of the policy's peak.
+            xhat = _conv1(xc, w1c, b1c, s, e, width).float().sub_(_channel_view(mean)).mul_(_channel_view(invstd))
+            sum_dy += dy.sum(dims).double()
+            sum_dy_xhat += xhat.mul_(dy).sum(dims).double()
+            del dy, xhat
 
     # Pass 2: BatchNorm's input gradient on [s - 1, e + 1), then conv1's (and the shortcut's) input gradient on the
     # tile's own frames [s, e) and conv1's weight gradient from its own outputs there.
     mean_dy, mean_dy_xhat = (sum_dy / count).float(), (sum_dy_xhat / count).float()
     k = _channel_view(gamma.float() * invstd)
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
-    for s, e in tiles:
-        lo, hi = max(s - 1, 0), min(e + 1, width)
-        g = _unpool(grad_out, offsets, s - 2, e + 2, width)  # frame f sits at index f - (s - 2)
-        da = conv2d_input((batch, c_out, h_mid, hi - lo), w2c, g[..., lo - s + 1 : hi - s + 3], padding=(0, 2))
-        h = _conv1(xc, w1c, b1c, lo, hi, width)
-        dy = _selu_backward(da, _bn_selu(h, scale, shift, dtype)).float()
-        del da
-        xhat = h.float().sub_(_channel_view(mean)).mul_(_channel_view(invstd))  # in place, as in pass 1
-        del h
-        dy.sub_(_channel_view(mean_dy)).sub_(xhat.mul_(_channel_view(mean_dy_xhat))).mul_(k)
-        del xhat
-        gh = dy.to(dtype)
-        del dy
-        gh = F.pad(gh, (lo - s + 1, e + 1 - hi))  # no conv1 output outside [0, width): no gradient there
-        gh_own = gh[..., 1:-1]
-        gw1 += conv2d_weight(_frames(xc, s - 1, e + 1, width), w1.shape, gh_own, padding=(1, 0)).float()
-        gb1 += gh_own.sum(dims, dtype=torch.float32)
-        gx = conv2d_input((batch, c_in, height, e - s), w1c, gh, padding=(1, 2))
-        del gh, gh_own
-        g_sc = g[..., 1:-1]  # the pool's input gradient on [s - 1, e + 1), which the shortcut's outputs receive
-        if wdc is not None:
-            gx += conv2d_input((batch, c_in, height, e - s), wdc, g_sc, padding=(0, 2))
-        else:
-            gx += g_sc[..., 1:-1]
-        grad_x[..., s:e].copy_(gx)
-        del g, g_sc, gx
+    with _heap_reuse(x):  # the tiles allocate and free the same temporaries over and over
+        for s, e in tiles:
+            lo, hi = max(s - 1, 0), min(e + 1, width)
+            g = _unpool(grad_out, offsets, s - 2, e + 2, width)  # frame f sits at index f - (s - 2)
+            da = conv2d_input((batch, c_out, h_mid, hi - lo), w2c, g[..., lo - s + 1 : hi - s + 3], padding=(0, 2))
+            h = _conv1(xc, w1c, b1c, lo, hi, width)
+            dy = _selu_backward(da, _bn_selu(h, scale, shift, dtype)).float()
+            del da
+            xhat = h.float().sub_(_channel_view(mean)).mul_(_channel_view(invstd))  # in place, as in pass 1
+            del h
+            dy.sub_(_channel_view(mean_dy)).sub_(xhat.mul_(_channel_view(mean_dy_xhat))).mul_(k)
+            del xhat
+            gh = dy.to(dtype)
+            del dy
+            gh = F.pad(gh, (lo - s + 1, e + 1 - hi))  # no conv1 output outside [0, width): no gradient there
+            gh_own = gh[..., 1:-1]
+            gw1 += conv2d_weight(_frames(xc, s - 1, e + 1, width), w1.shape, gh_own, padding=(1, 0)).float()
+            gb1 += gh_own.sum(dims, dtype=torch.float32)
+            gx = conv2d_input((batch, c_in, height, e - s), w1c, gh, padding=(1, 2))
+            del gh, gh_own
+            g_sc = g[..., 1:-1]  # the pool's input gradient on [s - 1, e + 1), which the shortcut's outputs receive
+            if wdc is not None:
+                gx += conv2d_input((batch, c_in, height, e - s), wdc, g_sc, padding=(0, 2))
+            else:
+                gx += g_sc[..., 1:-1]
+            grad_x[..., s:e].copy_(gx)
+            del g, g_sc, gx
 
     ggamma = (sum_dy_xhat.float()).to(gamma.dtype)
     gbeta = sum_dy.float().to(beta.dtype)
