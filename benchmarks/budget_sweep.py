@@ -136,6 +136,31 @@ def sweep(budgets: list[str], models: list[str], steps: int, batch: int, crop: i
     return [{"device": facts.name, "device_kind": facts.kind, **versions, **r} for r in rows]
 
 
+def table(rows: list[dict]) -> list[str]:
+    """The sweep's markdown table, one line per row (also rendered into the README by render_readme.py)."""
+    lines = [
+        "| model | budget | plan (micro x accum, precision, checkpoint) | predicted MiB | measured peak MiB "
+        "| planner error | under budget | OOM | samples/s | vs baseline |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        budget = "none (baseline)" if r["budget_bytes"] is None else f"{r['budget_bytes'] / MiB:,.0f} MiB"
+        if "error" in r:
+            lines.append(f"| {r['model']} | {budget} | failed: {r['error'][:80]} | | | | | | | |")
+            continue
+        plan = f"{r['micro_batch']} x {r['grad_accum']}, {r['precision']}, {r['checkpoint']}"
+        pred = f"{r['predicted_peak_bytes'] / MiB:,.0f}" if r.get("predicted_peak_bytes") else "-"
+        peak = r.get("measured_peak_bytes")
+        error = (f"{100 * (r['predicted_peak_bytes'] - peak) / peak:+.1f}%"
+                 if r.get("predicted_peak_bytes") and peak else "-")
+        under = "-" if r["budget_bytes"] is None or not peak else ("yes" if peak <= r["budget_bytes"] else "NO")
+        ratio = (f"{r['samples_per_s'] / r['baseline_samples_per_s']:.2f}x"
+                 if r.get("baseline_samples_per_s") and r.get("samples_per_s") else "-")
+        lines.append(f"| {r['model']} | {budget} | {plan} | {pred} | {peak / MiB if peak else 0:,.0f} | {error} | {under} | "
+                     f"{r.get('oom_count', 0)} | {r['samples_per_s']:.2f} | {ratio} |")
+    return lines
+
+
 def markdown(rows: list[dict], command: str) -> str:
     first = rows[0]
     lines = [
@@ -144,23 +169,8 @@ def markdown(rows: list[dict], command: str) -> str:
         "Peak = the process's GPU memory as NVML counts it (CUDA) or its whole resident memory (CPU), the highest "
         "logged over the steps. A cap emulates a smaller card's memory, not its speed.",
         "",
-        "| model | budget | plan (micro x accum, precision, checkpoint) | predicted MiB | measured peak MiB | under budget "
-        "| OOM | samples/s | vs baseline |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *table(rows),
     ]
-    for r in rows:
-        budget = "none (baseline)" if r["budget_bytes"] is None else f"{r['budget_bytes'] / MiB:,.0f} MiB"
-        if "error" in r:
-            lines.append(f"| {r['model']} | {budget} | failed: {r['error']} | | | | | | |")
-            continue
-        plan = f"{r['micro_batch']} x {r['grad_accum']}, {r['precision']}, {r['checkpoint']}"
-        pred = f"{r['predicted_peak_bytes'] / MiB:,.0f}" if r["predicted_peak_bytes"] else "-"
-        peak = r["measured_peak_bytes"]
-        under = "-" if r["budget_bytes"] is None or not peak else ("yes" if peak <= r["budget_bytes"] else "NO")
-        ratio = (f"{r['samples_per_s'] / r['baseline_samples_per_s']:.2f}x"
-                 if r.get("baseline_samples_per_s") and r["samples_per_s"] else "-")
-        lines.append(f"| {r['model']} | {budget} | {plan} | {pred} | {peak / MiB if peak else 0:,.0f} | {under} | "
-                     f"{r['oom_count']} | {r['samples_per_s']:.2f} | {ratio} |")
     lines += ["", f"Command: `{command}`"]
     return "\n".join(lines) + "\n"
 

@@ -21,6 +21,9 @@ README = ROOT / "README.md"
 BEGIN, END = "<!-- results:begin (benchmarks/render_readme.py) -->", "<!-- results:end -->"
 MiB = 2**20
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sweep's own table, whoever imports this script
+import budget_sweep  # noqa: E402
+
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -29,24 +32,9 @@ def _rows(path: Path) -> list[dict]:
 def _sweep_table(folder: Path, rows: list[dict]) -> list[str]:
     first = rows[0]
     what = f"{first['device']}" + (f", driver {first['driver']}, CUDA {first['cuda']}" if first.get("cuda") else " (CPU)")
-    lines = [f"**{what}**, torch {first['torch']} (`{folder.relative_to(ROOT)}/budget_sweep.md`; "
-             f"`{first.get('sweep_command', '')}`):", "",
-             "| model | budget | plan | predicted | measured peak | under | samples/s | vs baseline |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        budget = "baseline" if r["budget_bytes"] is None else f"{r['budget_bytes'] / MiB:,.0f} MiB"
-        if "error" in r:
-            lines.append(f"| {r['model']} | {budget} | did not run: {r['error'][:80]} | | | | | |")
-            continue
-        plan = f"{r['micro_batch']} x {r['grad_accum']} {r['precision']} {r['checkpoint']}"
-        pred = f"{r['predicted_peak_bytes'] / MiB:,.0f} MiB" if r.get("predicted_peak_bytes") else "-"
-        peak = r.get("measured_peak_bytes") or 0
-        under = "-" if r["budget_bytes"] is None else ("yes" if 0 < peak <= r["budget_bytes"] else "NO")
-        ratio = (f"{r['samples_per_s'] / r['baseline_samples_per_s']:.2f}x"
-                 if r.get("baseline_samples_per_s") and r.get("samples_per_s") else "-")
-        lines.append(f"| {r['model']} | {budget} | {plan} | {pred} | {peak / MiB:,.0f} MiB | {under} | "
-                     f"{r['samples_per_s']:.2f} | {ratio} |")
-    return lines
+    return [f"**{what}**, torch {first['torch']} (`{folder.relative_to(ROOT)}/budget_sweep.md`; "
+            f"`{first.get('sweep_command', '')}`). A cap emulates a smaller card's memory, not its speed:", "",
+            *budget_sweep.table(rows)]
 
 
 # Activation memory per sample at the paper's crop that issues 8 and 9 set as targets, per (precision, policy) of
