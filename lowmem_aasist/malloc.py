@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_GLIBC_OLD_MAX = 32 << 20
 _current: int | None = None  # the threshold this process last set; None: glibc's own dynamic one
 
 
@@ -52,7 +53,10 @@ def heap_reuse(threshold: int) -> Iterator[None]:
     if before is None or before >= threshold:
         yield
         return
-    set_malloc_thresholds(threshold)
+    # glibc before 2.35 refuses mmap thresholds above 32 MiB (HEAP_MAX_SIZE / 2 on 64-bit): take what it allows.
+    if not set_malloc_thresholds(threshold) and not set_malloc_thresholds(min(threshold, _GLIBC_OLD_MAX)):
+        yield
+        return
     try:
         yield
     finally:

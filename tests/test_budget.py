@@ -170,3 +170,19 @@ def test_bad_margin_arguments() -> None:
 )
 def test_format_bytes(n: int, text: str) -> None:
     assert format_bytes(n) == text
+
+
+def test_cuda_cap_is_the_budget_minus_the_context_even_on_a_big_card(monkeypatch):
+    # An 80 GiB card and a 1 GiB budget: the allocator gets 1 GiB minus the context, not a 1% floor (819 MiB).
+    import torch
+
+    from lowmem_aasist.memory.enforce import enforce_budget
+
+    set_to: list[float] = []
+    props = type("Props", (), {"total_memory": 80 * GiB})()
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: set_to.append(f))
+    enforce_budget(torch.device("cuda", 0), 1 * GiB, 500 * MiB)
+    assert set_to == [(1 * GiB - 500 * MiB) / (80 * GiB)]
+    enforce_budget(torch.device("cuda", 0), 300 * MiB, 500 * MiB)  # the context alone is over: nothing allocatable
+    assert set_to[-1] == 0.0

@@ -8,12 +8,13 @@ from lowmem_aasist import malloc
 
 
 class FakeLibc:
-    def __init__(self) -> None:
+    def __init__(self, max_threshold: int = 1 << 40) -> None:
         self.calls: list[tuple] = []
+        self.max_threshold = max_threshold
 
     def mallopt(self, param: int, value: int) -> int:
         self.calls.append(("mallopt", param, value))
-        return 1
+        return int(value <= self.max_threshold)
 
     def malloc_trim(self, pad: int) -> int:
         self.calls.append(("malloc_trim", pad))
@@ -49,6 +50,14 @@ def test_heap_reuse_restores_after_an_error(libc):
     malloc.set_malloc_thresholds(1 << 20)
     with pytest.raises(RuntimeError), malloc.heap_reuse(512 << 20):
         raise RuntimeError("inside the loop")
+    assert malloc._current == 1 << 20
+
+
+def test_old_glibc_gets_the_largest_threshold_it_allows(libc):
+    libc.max_threshold = 32 << 20  # glibc before 2.35: HEAP_MAX_SIZE / 2
+    malloc.set_malloc_thresholds(1 << 20)
+    with malloc.heap_reuse(512 << 20):
+        assert malloc._current == 32 << 20
     assert malloc._current == 1 << 20
 
 

@@ -371,7 +371,9 @@ def test_policy_step_on_cuda(base_model, batch, policy, monkeypatch):
         # bounds of issue 8 (block0: 1e-6, tiled: the 1e-3 its CPU test holds it to).
         bound = 1e-6 if policy == "block0" else 1e-3
         assert torch.allclose(loss, ref_loss, rtol=1e-5)
-        grads = [(p.grad, q.grad) for p, q in zip(ref.parameters(), model.parameters(), strict=True) if p.grad is not None]
+        pairs = list(zip(ref.parameters(), model.parameters(), strict=True))
+        assert [p.grad is None for p, _ in pairs] == [q.grad is None for _, q in pairs]
+        grads = [(p.grad, q.grad) for p, q in pairs if p.grad is not None]
         a, b = (torch.cat([g[i].double().flatten() for g in grads]) for i in (0, 1))
         assert ((a - b).norm() / a.norm()).item() <= bound
         for (name, x), (_, y) in zip(ref.named_buffers(), model.named_buffers(), strict=True):

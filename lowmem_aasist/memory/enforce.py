@@ -36,7 +36,9 @@ def enforce_budget(device: torch.device, budget_bytes: int, context_bytes: int) 
     """Apply the budget to this process; returns a one-line description of what was done."""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        fraction = max(min((budget_bytes - context_bytes) / total, 1.0), 0.01)
+        # No floor: on an 80 GiB card a 1% floor would leave a sub-GiB budget uncapped (the planner has already
+        # refused budgets that the context alone exceeds).
+        fraction = max(min((budget_bytes - context_bytes) / total, 1.0), 0.0)
         torch.cuda.set_per_process_memory_fraction(fraction, device)
         return f"CUDA allocator capped at {fraction:.3f} of {total / 2**30:.2f} GiB (budget minus CUDA context)"
     done = release_freed_memory_promptly()
