@@ -273,7 +273,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_check_data(args: argparse.Namespace) -> int:
-    from .data.check import check_data
+    from .data.check import absent_line, check_data
 
     err = _stderr()
     report = check_data(args.data, args.layout, args.phase, args.deep, max(1, args.workers), err)
@@ -290,6 +290,8 @@ def cmd_check_data(args: argparse.Namespace) -> int:
         table.add_row(name, f"{s['files']:,}", bona, f"{s['spoof']:,}", attacks or "-", f"{s['hours']:.2f}", rates or "-",
                       f"{s['problems']:,}")
     out.print(table)
+    if note := absent_line(report):  # a partial copy is normal: said once, not a problem
+        out.print(note, markup=False, soft_wrap=True)
     for p in report["problems"]:
         out.print(f"{p['split']}: {p['path']}: {p['error']}")
     if report["problems"]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from lowmem_aasist.cli import main
+from lowmem_aasist.data.corpora import read_split
 from lowmem_aasist.data.demo import make_demo_corpus
 from lowmem_aasist.model import AASIST
 
@@ -43,6 +45,65 @@ def test_check_data_finds_bad_files_and_rejects_unknown_folders(tmp_path, capsys
     assert main(["check-data", "--data", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert "not a corpus" in err and "asvspoof5" in err and err.count("\n") == 1
+
+
+@pytest.fixture
+def as5_train_dev(corpus, tmp_path):
+    """The demo audio laid out as an ASVspoof 5 copy from before the eval release: train and dev protocols only,
+    in ASVspoof5_protocols/ as the tarball unpacks."""
+    root = tmp_path / "as5"
+    for split, folder, name in (("train", "flac_T", "ASVspoof5.train.tsv"), ("dev", "flac_D", "ASVspoof5.dev.track_1.tsv")):
+        (root / folder).mkdir(parents=True)
+        src = read_split(corpus, split)
+        lines = []
+        for utt, path, label, attack in zip(src.utt, src.path, src.label, src.attack, strict=True):
+            shutil.copy(path, root / folder / f"{utt}.flac")
+            key = "bonafide" if label == 1 else "spoof"
+            lines.append(f"S001 {utt} F - - - {'-' if label == 1 else 'AC1'} {attack} {key} -")
+        (root / "ASVspoof5_protocols").mkdir(exist_ok=True)
+        (root / "ASVspoof5_protocols" / name).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_check_data_on_asvspoof5_without_eval_protocol(as5_train_dev, capsys):
+    root = as5_train_dev
+    missing = root / "ASVspoof5_protocols" / "ASVspoof5.eval.track_1.tsv"
+    assert main(["check-data", "--data", str(root)]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[1] for line in out.splitlines() if line.startswith("│")]
+    assert rows == ["train", "dev"]
+    about = [line for line in out.splitlines() if "eval" in line]
+    assert about == [f"eval split absent: protocol {missing} not found; checked train, dev only"]
+    assert "no problems found" in out
+    assert main(["check-data", "--data", str(root), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layout"] == "asvspoof5" and list(report["splits"]) == ["train", "dev"]
+    assert report["splits"]["train"]["files"] == 6 and report["splits"]["dev"]["files"] == 4
+    assert report["absent"] == {"eval": str(missing)} and report["problems"] == []
+
+
+def test_check_data_on_a_partial_copy_still_fails_on_a_bad_file(as5_train_dev, capsys):
+    victim = next((as5_train_dev / "flac_D").glob("*.flac"))
+    victim.write_bytes(b"")
+    assert main(["check-data", "--data", str(as5_train_dev), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert [(p["split"], p["path"]) for p in report["problems"]] == [("dev", str(victim))]
+    assert list(report["absent"]) == ["eval"] and list(report["splits"]) == ["train", "dev"]
+    assert main(["check-data", "--data", str(as5_train_dev)]) == 1
+    out = capsys.readouterr().out
+    assert "eval split absent" in out and f"dev: {victim}: " in out
+
+
+def test_eval_on_a_split_whose_protocol_is_absent_is_one_line(as5_train_dev, tmp_path, capsys):
+    weights = tmp_path / "w.pth"
+    torch.save(AASIST("AASIST-L").state_dict(), weights)
+    argv = ["eval", "--data", str(as5_train_dev), "--split", "eval", "--weights", str(weights), "--workers", "0",
+            "--out", str(tmp_path / "eval.txt")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {as5_train_dev}/ASVspoof5_protocols/ASVspoof5.eval.track_1.tsv: protocol not found; "
+                          "this copy holds the train, dev protocols only")
 
 
 def test_evaluate_prints_json_and_names_bad_lines(tmp_path, capsys):

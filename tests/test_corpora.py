@@ -7,17 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lowmem_aasist.data.check import absent_line, check_data
 from lowmem_aasist.data.corpora import (
     LA2019_PROTOCOL_FILES,
     LAYOUTS,
     LayoutError,
     ProtocolError,
+    ProtocolNotFound,
     detect_layout,
     get_layout,
     has_training_splits,
     read_split,
     resolve_layout,
 )
+from lowmem_aasist.data.load import load_split
 from lowmem_aasist.data.split import BONAFIDE, SPOOF, UNLABELED
 
 
@@ -365,6 +368,83 @@ def test_as5_detected_by_one_protocol_and_malformed_line(tmp_path: Path) -> None
         read_split(tmp_path, "eval")
     with pytest.raises(ProtocolError, match="protocol not found"):
         read_split(tmp_path, "train")
+
+
+def make_as5_train_dev(root: Path) -> Path:
+    """An ASVspoof 5 copy from before the eval release: train and dev protocols only."""
+    make_as5(root)
+    (root / "ASVspoof5_protocols" / AS5_FILES["eval"]).unlink()
+    return root
+
+
+def test_as5_without_eval_protocol_names_it_beside_the_others(tmp_path: Path) -> None:
+    root = make_as5_train_dev(tmp_path)
+    assert detect_layout(root).name == "asvspoof5"
+    with pytest.raises(ProtocolNotFound) as info:
+        read_split(root, "eval")
+    message = str(info.value)
+    assert "\n" not in message and info.value.path == root / "ASVspoof5_protocols" / AS5_FILES["eval"]
+    assert message == (
+        f"{root}/ASVspoof5_protocols/{AS5_FILES['eval']}: protocol not found; this copy holds the train, dev "
+        f"protocols only; put {AS5_FILES['eval']} beside them to use the eval split"
+    )
+
+
+def test_as5_without_eval_protocol_still_trains(tmp_path: Path) -> None:
+    # What fit needs: the layout has training splits and both load (placeholders are index problems, not errors).
+    root = make_as5_train_dev(tmp_path)
+    assert has_training_splits(resolve_layout(root))
+    for split in ("train", "dev"):
+        ix = load_split(root, split, "asvspoof5")
+        assert ix.split.name == split and list(ix.split.utt) == [line.split()[1] for line in AS5_LINES[split]]
+
+
+# ------------------------------------------------------------------------------------------ check_data
+
+
+def test_check_data_reports_a_missing_protocol_as_an_absent_split(tmp_path: Path) -> None:
+    root = make_as5_train_dev(tmp_path / "as5")
+    report = check_data(root)
+    assert list(report["splits"]) == ["train", "dev"]
+    assert report["splits"]["train"]["files"] == 2 and report["splits"]["dev"]["files"] == 2
+    missing = f"{root}/ASVspoof5_protocols/{AS5_FILES['eval']}"
+    assert report["absent"] == {"eval": missing}
+    assert absent_line(report) == f"eval split absent: protocol {missing} not found; checked train, dev only"
+    # Generic, not an ASVspoof 5 special case: a 2019 LA copy with the train protocol only.
+    la = make_la2019(tmp_path / "la")
+    for split in ("dev", "eval"):
+        (la / "ASVspoof2019_LA_cm_protocols" / LA2019_PROTOCOL_FILES[split]).unlink()
+    report = check_data(la)
+    assert list(report["splits"]) == ["train"] and list(report["absent"]) == ["dev", "eval"]
+    assert absent_line(report) == (
+        f"dev, eval splits absent: protocols {la}/ASVspoof2019_LA_cm_protocols/{LA2019_PROTOCOL_FILES['dev']}, "
+        f"{la}/ASVspoof2019_LA_cm_protocols/{LA2019_PROTOCOL_FILES['eval']} not found; checked train only"
+    )
+    assert absent_line(check_data(make_itw(tmp_path / "itw"))) is None
+
+
+def test_check_data_without_any_protocol_is_an_error(tmp_path: Path) -> None:
+    la = make_la2019(tmp_path / "la")
+    for name in LA2019_PROTOCOL_FILES.values():
+        (la / "ASVspoof2019_LA_cm_protocols" / name).unlink()
+    with pytest.raises(ProtocolNotFound) as info:
+        check_data(la)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(
+        f"{la}: no protocol of an ASVspoof 2019 LA corpus (layout asvspoof2019-la) found (train {la}/"
+    )
+    assert all(name in message for name in LA2019_PROTOCOL_FILES.values())
+    with pytest.raises(ProtocolNotFound, match="no protocol of an ASVspoof 5 corpus"):
+        check_data(la, layout="asvspoof5")
+    # A layout of one split keeps that split's own message.
+    with pytest.raises(ProtocolNotFound, match=rf"^{la}/meta\.csv: protocol not found; --data must be"):
+        check_data(la, layout="in-the-wild")
+    # A protocol that is present but broken is still an error, not an absent split.
+    root = make_as5_train_dev(tmp_path / "as5")
+    write(root / "ASVspoof5_protocols" / AS5_FILES["dev"], "D_0062 D_1 F\n")
+    with pytest.raises(ProtocolError, match=r"ASVspoof5\.dev\.track_1\.tsv:1: expected") as info:
+        check_data(root)
+    assert not isinstance(info.value, ProtocolNotFound)
 
 
 # ------------------------------------------------------------------------------------------ In-the-Wild

@@ -33,6 +33,20 @@ class ProtocolError(Exception):
     """A missing, unreadable or malformed protocol; one line naming the file (and line). The CLI exits 1."""
 
 
+class ProtocolNotFound(ProtocolError):
+    """A split's protocol file is absent (as opposed to unreadable or malformed).
+
+    Kept apart because a partial copy of a corpus is normal (ASVspoof 5 was released in stages; many copies hold
+    train and dev only): ``check-data`` reports such a split as absent and checks the others. ``path`` is the
+    file that was looked for and ``hint`` what to do about it, for callers that compose their own line.
+    """
+
+    def __init__(self, message: str, path: Path, hint: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.hint = hint
+
+
 class LayoutError(Exception):
     """A folder no layout recognises, an unknown layout name or a split the layout lacks; one line. Exit 2."""
 
@@ -65,8 +79,8 @@ def _bad_line(path: Path, number: int, expected: str, line: str) -> ProtocolErro
     return ProtocolError(f"{path}:{number}: expected {expected}, got {line.strip()[:80]!r}")
 
 
-def _not_found(path: Path, hint: str) -> ProtocolError:
-    return ProtocolError(f"{path}: protocol not found; {hint}")
+def _not_found(path: Path, hint: str) -> ProtocolNotFound:
+    return ProtocolNotFound(f"{path}: protocol not found; {hint}", path, hint)
 
 
 def _empty(path: Path) -> ProtocolError:
@@ -292,9 +306,21 @@ def _as5_eval_audio(root: Path, first: str) -> Path:
 def _read_as5(root: Path, split: str, phase: str) -> Split:
     proto = _as5_protocol(root, split)
     if proto is None:
+        name = AS5_PROTOCOL_FILES[split]
+        present = {s: p for s in AS5_PROTOCOL_FILES if (p := _as5_protocol(root, s)) is not None}
+        if not present:
+            raise _not_found(
+                root / name,
+                "--data must be the folder holding the ASVspoof5.*.tsv protocols (or a subfolder such as "
+                "ASVspoof5_protocols/ holding them)",
+            )
+        # A partial copy (the corpus was released in stages): name the file where its siblings are, since
+        # that is where it belongs, and say which splits the copy does hold.
+        beside = next(iter(present.values())).parent
         raise _not_found(
-            root / AS5_PROTOCOL_FILES[split],
-            "--data must be the folder holding it (or a subfolder such as ASVspoof5_protocols/ holding it)",
+            beside / name,
+            f"this copy holds the {', '.join(present)} protocol{'s' if len(present) > 1 else ''} only; "
+            f"put {name} beside {'them' if len(present) > 1 else 'it'} to use the {split} split",
         )
     names, labels, attacks, speakers, genders, codecs = [], [], [], [], [], []
     for number, line in enumerate(_read_lines(proto), start=1):
