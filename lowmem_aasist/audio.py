@@ -315,15 +315,15 @@ def tile(x: np.ndarray, n: int) -> np.ndarray:
     return np.resize(x, n)
 
 
-def eval_input(path: PathLike) -> np.ndarray:
-    """The model's evaluation input: ``tile(read_audio(path), EVAL_SAMPLES)``, decoding only the first
-    EVAL_SAMPLES (plus resampler context) of long files."""
+def eval_input(path: PathLike, samples: int = EVAL_SAMPLES) -> np.ndarray:
+    """A model's evaluation input: ``tile(read_audio(path), samples)``, decoding only the first ``samples`` (plus
+    resampler context) of long files."""
     p = os.fspath(path)
     with _open(p) as f:
         info = _info_of(f, p)
-        if info.frames_16k >= EVAL_SAMPLES:
-            return _read_window(f, p, info, 0, EVAL_SAMPLES)
-        return tile(_read_all(f, p, info), EVAL_SAMPLES)
+        if info.frames_16k >= samples:
+            return _read_window(f, p, info, 0, samples)
+        return tile(_read_all(f, p, info), samples)
 
 
 def iter_windows(

@@ -15,8 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .config import CHECKPOINT_POLICIES
-from .data.corpora import LAYOUTS
+from .config import checkpoint_policies
+from .data.corpora import LAYOUTS, PHASES
+from .memory.plan import OPTIMIZERS, PRECISIONS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -46,11 +47,12 @@ def default_demo_dir() -> Path:
 def cmd_score(args: argparse.Namespace) -> int:
     from .audio import list_audio_files
     from .memory.device import resolve_device
-    from .model import load_model
+    from .models import load
     from .scoring import score_files
 
     device = resolve_device(args.device)
-    model = load_model(args.weights, args.model, map_location=device).to(device)
+    model, family = load(args.weights, args.model, map_location=device)
+    model = model.to(device)
     paths: list[Path] = []
     err = _stderr()
     failed = 0
@@ -66,7 +68,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             paths.append(p)  # missing or unreadable files are reported by the scorer, in order
 
     out = _stdout()
-    table = Table("file", "score", "windows", "verdict", title=f"{model.arch.name} scores (bona fide logit)")
+    table = Table("file", "score", "windows", "verdict", title=f"{family.name} scores (bona fide logit)")
     for result in score_files(model, paths, device, full=args.full, batch=args.batch):
         if result.error:
             failed += 1
@@ -74,7 +76,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             continue
         if args.json:
             print(json.dumps({"path": result.path, "score": round(result.score, 6), "windows": result.windows,
-                              "model": model.arch.name}), flush=True)
+                              "model": family.name}), flush=True)
         else:
             table.add_row(result.path, f"{result.score:.6f}", str(result.windows),
                           "bona fide" if result.score > 0 else "spoof")
@@ -141,7 +143,11 @@ def _fit_overrides(args: argparse.Namespace) -> dict:
 
 
 def _resume_config(args: argparse.Namespace):
-    """A resumed run's config: what it was trained with (its config.json), then whatever the command line changes."""
+    """A resumed run's config: what it was trained with (its config.json), then whatever the command line says.
+
+    The run's own config is the base, not a profile: an option left out of the resume command keeps the run's
+    value, and one given with the run's own value changes nothing, so the first command plus ``--resume`` works.
+    A profile is applied only when named; ``fit`` then refuses whatever differs and changes the result."""
     from .config import config_from_dict, load_config
 
     saved_path = Path(args.out) / "config.json"
@@ -153,35 +159,48 @@ def _resume_config(args: argparse.Namespace):
     return load_config(args.profile, _fit_overrides(args), base=config_from_dict(saved, str(saved_path)))
 
 
-def cmd_fit(args: argparse.Namespace) -> int:
+def _demo_root(args: argparse.Namespace, cfg, console: Console) -> Path:
+    """The demo corpus folder, generated once (rank 0 under torchrun; the other ranks wait for it)."""
+    d = cfg.demo
+    root = Path(args.demo_dir or d.cache or default_demo_dir())
+    params = dict(n_train=d.n_train, n_dev=d.n_dev, n_eval=d.n_eval, seed=d.seed)
+    if os.environ.get("RANK", "0") == "0":
+        _generate_demo(root, console, **params, workers=2)
+    else:
+        from .data.demo import demo_corpus_ready
+
+        while not demo_corpus_ready(root, **params):
+            time.sleep(1.0)
+    return root
+
+
+def _fit_config(args: argparse.Namespace, console: Console):
     from .config import load_config
+    from .models import FAMILIES
+
+    if args.demo and args.data:
+        raise CLIError("fit: give one of --data ROOT (a corpus with train and dev splits) or --demo, not both")
+    if args.resume:
+        if not args.out:
+            raise CLIError("fit --resume: give --out, the folder of the run to continue")
+        cfg = _resume_config(args)
+    else:
+        if not (args.demo or args.data):
+            raise CLIError("fit: give exactly one of --data ROOT (a corpus with train and dev splits) or --demo")
+        family = FAMILIES.get(args.model or next(iter(FAMILIES)))
+        profile = args.profile or ("demo" if args.demo else family.profile)
+        cfg = load_config(profile, _fit_overrides(args))
+    if args.demo:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(_demo_root(args, cfg, console))))
+    return cfg
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
     from .train import fit
 
     # Under torchrun only rank 0 speaks; the others train silently.
     console = _stdout() if os.environ.get("RANK", "0") == "0" else Console(quiet=True)
-    if args.resume:
-        if not args.out:
-            raise CLIError("fit --resume: give --out, the folder of the run to continue")
-        if args.demo:
-            raise CLIError("fit --resume: the run's config.json says where its data is; drop --demo")
-        cfg = _resume_config(args)
-    else:
-        if args.demo == bool(args.data):
-            raise CLIError("fit: give exactly one of --data ROOT (a corpus with train and dev splits) or --demo")
-        profile = args.profile or ("demo" if args.demo else "aasist")
-        cfg = load_config(profile, _fit_overrides(args))
-        if args.demo:
-            d = cfg.demo
-            root = Path(args.demo_dir or d.cache or default_demo_dir())
-            params = dict(n_train=d.n_train, n_dev=d.n_dev, n_eval=d.n_eval, seed=d.seed)
-            if os.environ.get("RANK", "0") == "0":
-                _generate_demo(root, console, **params, workers=2)
-            else:  # under torchrun rank 0 writes the corpus; the others wait for it rather than write it too
-                from .data.demo import demo_corpus_ready
-
-                while not demo_corpus_ready(root, **params):
-                    time.sleep(1.0)
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
+    cfg = _fit_config(args, console)
     out = Path(args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     result = fit(cfg, out, device=args.device, console=console, resume=args.resume)
 
@@ -228,15 +247,19 @@ def _describe_plan(plan) -> str:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    from .config import load_config
     from .memory.budget import format_bytes
     from .memory.device import resolve_device
     from .memory.engine import plan_run
+    from .models import get_family
     from .progress import progress_bar
 
     device = resolve_device(args.device)
+    recipe = load_config(get_family(args.model).profile).train  # what --batch and --crop default to
+    batch, crop = args.batch or recipe.batch, args.crop or recipe.crop
     out = _stdout()
     with progress_bar(_stderr(), "calibrating", None) as bar:
-        run = plan_run(args.model, device, args.budget, args.batch, args.crop, args.precision, args.checkpoint,
+        run = plan_run(args.model, device, args.budget, batch, crop, args.precision, args.checkpoint,
                        args.optimizer, args.micro_batch,
                        on_progress=lambda t: bar.advance(1, status=f"{t.precision} {t.checkpoint}"))
     for warning in run.warnings:
@@ -265,7 +288,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.explain:
         from .memory.explain import explain
 
-        explain(args.model, args.crop, out)
+        explain(args.model, crop, out)
     return EXIT_OK
 
 
@@ -358,16 +381,20 @@ def get_parser() -> argparse.ArgumentParser:
         description="Train and use AASIST anti-spoofing models within a memory budget.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    from .models import FAMILIES
+
+    models, policies = list(FAMILIES), checkpoint_policies()
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("score", help="score audio files with a trained model (bona fide logit)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="audio files or folders (any format soundfile reads)")
     p.add_argument("--weights", required=True, help="published weights (AASIST.pth) or a run's checkpoint (best.pt)")
-    p.add_argument("--model", default="auto", choices=["auto", "AASIST", "AASIST-L"],
-                   help="variant; auto tells them apart by tensor shapes (default)")
+    p.add_argument("--model", default="auto", choices=["auto", *models],
+                   help="auto recognises the model by its tensor names and shapes (default)")
     p.add_argument("--full", action="store_true",
-                   help="score the whole recording: 64,600-sample windows every 32,300 samples, mean logit "
-                        "(default: the reference input, the first 64,600 samples, short clips tiled)")
+                   help="score the whole recording: reference-length windows at 50%% overlap (AASIST: 64,600 samples "
+                        "every 32,300), mean logit (default: the reference input, AASIST's first 64,600 samples, "
+                        "short clips tiled)")
     p.add_argument("--json", action="store_true", help="one JSON object per file per line")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--batch", type=int, default=8, help="clips (or windows) per forward pass (default 8)")
@@ -379,30 +406,32 @@ def get_parser() -> argparse.ArgumentParser:
                                      "percentage (default 5%%) or a count")
     p.add_argument("--demo", action="store_true", help="generate (once) and train on the synthetic demo corpus")
     p.add_argument("--demo-dir", help=f"where the demo corpus is cached (default {default_demo_dir()})")
-    p.add_argument("--profile", help="TOML profile: a path or a name in profiles/ (default: aasist, or demo with --demo)")
-    p.add_argument("--model", choices=["AASIST", "AASIST-L"], help="variant (overrides the profile)")
+    p.add_argument("--profile", help="TOML profile: a path or a name in profiles/ (default: the model's published "
+                                     "recipe, or demo with --demo)")
+    p.add_argument("--model", choices=models, help=f"model (overrides the profile; default {models[0]})")
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--batch", type=int, help="utterances per optimizer step (paper: 24)")
     p.add_argument("--crop", type=int, help="training crop in samples at 16 kHz (paper: 64600)")
     p.add_argument("--lr", type=float, help="peak learning rate (paper: 1e-4)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", choices=["auto", *PRECISIONS])
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, help="data-loading processes (default: from the cores)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--out", help="run folder (default runs/<timestamp>); must be new or empty unless --resume")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from checkpoints/last.pt (exactly: same weights as never stopping); "
-                        "its config comes from the run folder, options given here may change the budget, device, "
-                        "workers, data location and --max-steps only")
+                        "its config comes from the run folder: the first command plus --resume works, and options "
+                        "given with other values may change the budget, device, workers, data location and "
+                        "--max-steps only")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun: synchronise BatchNorm across processes (default: per process, as the reference)")
     p.add_argument("--save-every", type=int, help="save last.pt every N steps (default: every 5 minutes, and each epoch)")
     p.add_argument("--budget", help="plan within this memory (6GB, 6.5GiB, 6144MB; GB = GiB = 2^30 bytes) or auto; "
                                     "--batch is then the effective batch, split into micro-batch x accumulation")
-    p.add_argument("--checkpoint", choices=["auto", *CHECKPOINT_POLICIES],
+    p.add_argument("--checkpoint", choices=["auto", *policies],
                    help="activation checkpointing policy (default: the planner's choice with --budget, else none)")
-    p.add_argument("--optimizer", choices=["auto", "adam", "adam8bit", "adamw8bit"])
+    p.add_argument("--optimizer", choices=["auto", *OPTIMIZERS])
     p.add_argument("--micro-batch", type=int, help="utterances per forward pass; must divide --batch")
 
     p = sub.add_parser("demo-data", help="write the synthetic demo corpus (ASVspoof 2019 LA layout) into DIR")
@@ -418,12 +447,12 @@ def get_parser() -> argparse.ArgumentParser:
                    help="memory to plan for: a size like 6GB, 6.5GiB, 6144MB (GB = GiB = 2^30 bytes: a '6 GB' card "
                         "has 6,144 MiB), or auto = free memory minus a safety margin (default)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
-    p.add_argument("--model", default="AASIST", choices=["AASIST", "AASIST-L"])
-    p.add_argument("--batch", type=int, default=24, help="effective batch to keep (paper: 24)")
-    p.add_argument("--crop", type=int, default=64_600, help="training crop in samples (paper: 64600)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--checkpoint", default="auto", choices=["auto", *CHECKPOINT_POLICIES])
-    p.add_argument("--optimizer", default="adam", choices=["auto", "adam", "adam8bit", "adamw8bit"])
+    p.add_argument("--model", default=models[0], choices=models)
+    p.add_argument("--batch", type=int, help="effective batch to keep (default: the model's recipe; AASIST: 24)")
+    p.add_argument("--crop", type=int, help="training crop in samples (default: the model's recipe; AASIST: 64600)")
+    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS])
+    p.add_argument("--checkpoint", default="auto", choices=["auto", *policies])
+    p.add_argument("--optimizer", default="adam", choices=["auto", *OPTIMIZERS])
     p.add_argument("--micro-batch", type=int, default=0, help="force the micro-batch (must divide --batch)")
     p.add_argument("--json", action="store_true", help="one JSON object: device, budget_bytes, plan, candidates")
     p.add_argument("--explain", action="store_true", help="where memory goes, per module, and what each technique saves")
@@ -431,7 +460,7 @@ def get_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-data", help="count a corpus (per split, per attack, hours) and find bad audio")
     p.add_argument("--data", required=True, help="corpus folder or list file")
     p.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS], help="force the layout (default: recognised)")
-    p.add_argument("--phase", default="eval", choices=["progress", "eval", "hidden_track", "all"],
+    p.add_argument("--phase", default="eval", choices=PHASES,
                    help="ASVspoof 2021 only: which phase's trials (default eval)")
     p.add_argument("--deep", action="store_true", help="decode every file in full (truncation, NaN/Inf samples)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads for --deep")
@@ -442,13 +471,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="published weights or a run's checkpoint (best.pt)")
     p.add_argument("--split", default="eval", help="split to score (default eval)")
     p.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS], help="force the layout (default: recognised)")
-    p.add_argument("--phase", default="eval", choices=["progress", "eval", "hidden_track", "all"],
+    p.add_argument("--phase", default="eval", choices=PHASES,
                    help="ASVspoof 2021 only: which phase's trials (default eval)")
     p.add_argument("--out", help="score file (default scores-<layout>-<split>.txt); an interrupted run continues it")
-    p.add_argument("--model", default="auto", choices=["auto", "AASIST", "AASIST-L"])
+    p.add_argument("--model", default="auto", choices=["auto", *models])
     p.add_argument("--budget", default="auto", help="memory for scoring (6GB, auto); picks the batch")
     p.add_argument("--batch", type=int, default=0, help="utterances per forward pass (default: from the budget)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS])
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--workers", type=int, default=-1, help="data-loading processes (default: from the cores)")
     p.add_argument("--asv-scores", help="ASV score file, for min t-DCF")
@@ -460,6 +489,24 @@ def get_parser() -> argparse.ArgumentParser:
 
     assert set(sub.choices) == set(COMMANDS), "every subcommand needs a handler"
     return parser
+
+
+DASHED_VALUES = ("--budget",)
+"""Options whose value may start with a dash (``--budget -1GB``): argparse would take it for an option and print
+its usage block; attached as ``--budget=-1GB`` the value reaches the option's own one-line check."""
+
+
+def _attach_dashed_values(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in DASHED_VALUES and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] != "--":
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -475,10 +522,10 @@ def main(argv: list[str] | None = None) -> int:
     from .memory.optim import OptimizerError
     from .memory.plan import NoPlanError
     from .metrics import ScoreFileError
-    from .model import WeightsError
+    from .models import WeightsError
     from .train import RunFolderError
 
-    args = get_parser().parse_args(argv)
+    args = get_parser().parse_args(_attach_dashed_values(sys.argv[1:] if argv is None else argv))
     from .memory.enforce import enable_expandable_segments
 
     enable_expandable_segments()  # before anything touches CUDA

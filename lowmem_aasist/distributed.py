@@ -8,11 +8,14 @@ only rank 0 writes files. Without torchrun this is a world of one and every call
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .models import family_of
 
 
 @dataclass(frozen=True)
@@ -72,18 +75,25 @@ def join_world(device: str) -> tuple[World, str]:
     return world, "cpu"
 
 
-def wrap_for_ranks(model: nn.Module, world: World, device: torch.device, sync_bn: bool = False) -> nn.Module:
+def wrap_for_ranks(
+    model: nn.Module,
+    world: World,
+    device: torch.device,
+    sync_bn: bool = False,
+    frozen: Callable[[str], bool] | None = None,
+) -> nn.Module:
     """DistributedDataParallel around ``model`` (the model itself in a world of one).
 
-    Parameters that never receive a gradient (the ``bn1`` of blocks 1-5, which the published model computes and
-    discards) are frozen first: DDP would otherwise wait for their gradients forever. They never change in a
-    single-process run either, so this changes nothing else. BatchNorm keeps per-rank batch statistics as the
-    reference code does on several GPUs, unless ``sync_bn``.
+    Parameters that never receive a gradient (``frozen``, by default the model family's ``never_trained``: in AASIST the
+    ``bn1`` of blocks 1-5, which the published model computes and discards) are frozen first: DDP would otherwise
+    wait for their gradients forever. They never change in a single-process run either, so this changes nothing
+    else. BatchNorm keeps per-rank batch statistics as the reference code does on several GPUs, unless ``sync_bn``.
     """
     if not world.distributed:
         return model
+    frozen = frozen or family_of(model).never_trained
     for name, p in model.named_parameters():
-        if ".bn1." in name:
+        if frozen(name):
             p.requires_grad_(False)
     if sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

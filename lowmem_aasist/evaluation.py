@@ -9,16 +9,9 @@ An evaluation set can hold 600k utterances (hours on a small GPU), so a run appe
 writes the same file, byte for byte, as an uninterrupted run would. ``<out>.partial.json`` records what the partial
 scores were made with, and a run with other weights, data or settings refuses to mix them in.
 
-Batch rule: a given ``batch`` is used as it is; otherwise the largest batch up to 64 whose predicted peak fits the
-budget (``auto``: free memory minus a safety margin, as for ``fit``), where
-
-    predicted peak = overhead + (fixed + per_utterance x batch) x (1 + slack)
-
-``fixed`` and ``per_utterance`` are the exact live-tensor bytes of one no-grad forward under the run's autocast,
-from fake-tensor forwards at batch 1 and 2 (nothing is allocated); ``overhead`` is the CUDA context from the device
-facts, or a fixed 400 MiB for the process on the CPU; ``slack`` covers what no tensor owns (CPU: 10% in fp32, 50% in
-bf16, whose convolutions allocate scratch outside tensors; CUDA: 20%). Data-loader workers are not counted: they
-hold a few batches of raw waveforms, about 1% of the activations.
+The batch comes from the memory engine (:func:`.memory.engine.plan_inference`): a given ``batch`` is used as it is;
+otherwise the largest batch up to 64 whose predicted peak fits the budget (``auto``: free memory minus a safety
+margin, as for ``fit``).
 """
 
 from __future__ import annotations
@@ -34,41 +27,20 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.markup import escape
-from torch._subclasses.fake_tensor import FakeTensorMode
 
-from .audio import EVAL_SAMPLES
 from .data.dataset import EvalInputs, make_loader
 from .data.load import load_split, resampling_note
 from .data.split import BONAFIDE, SPOOF, UNLABELED, Split
-from .memory.budget import MiB, format_bytes, resolve_budget
-from .memory.device import device_facts, resolve_device, resolve_precision
-from .memory.enforce import enable_expandable_segments, enforce_budget
-from .memory.estimate import fake_module
-from .memory.measure import LiveTensorTracker
-from .memory.plan import NoPlanError
+from .memory.device import resolve_device, resolve_precision
+from .memory.enforce import enable_expandable_segments
+from .memory.engine import plan_inference
 from .metrics import CmScores, evaluate, read_asv_scores
-from .model import AASIST, ArchConfig, load_model, min_samples
+from .models import load
 from .progress import progress_bar
-from .scoring import autocast_ctx, bona_fide_logits, write_score_file
+from .scoring import bona_fide_logits, write_score_file
 from .storage import atomic_write_json, atomic_write_text
-
-MAX_BATCH = 64
-"""Beyond this a GPU is already saturated by AASIST's 64,600-sample inputs; more only delays the first result."""
-
-CPU_PROCESS_BYTES = 400 * MiB
-"""CPU: resident memory of the process beyond live tensors (Python, torch's libraries, the loader). Measured about
-240 MiB with torch imported and a model loaded; the rest is headroom for data workers and malloc."""
-
-# Resident memory no tensor owns grows with the batch: oneDNN reorders and, much more, the scratch buffers of bf16
-# convolutions on the CPU; on CUDA, the caching allocator's rounding and cuDNN workspaces. Measured on a 2-core CPU
-# (AASIST, 64,600 samples, RSS minus live tensors minus 240 MiB): fp32 about 3% of the live bytes per utterance,
-# bf16 about 36%. CUDA is not calibrated here; 20% is the allocator slack the training planner sees on T4 and
-# A100-class cards, with room to spare.
-CPU_SLACK = {"fp32": 0.10, "bf16": 0.50}
-CUDA_SLACK = 0.20
 
 PARTIAL_VERSION = 1
 
@@ -86,70 +58,6 @@ class EvalResult:
     batch: int  # batch used
     metrics: dict | None  # metrics.evaluate(...) when the split is labeled (both classes present), else None
     seconds: float
-
-
-# --- memory ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InferenceCost:
-    """Predicted peak of scoring, in bytes: ``overhead + (fixed + per_sample * batch) * (1 + slack)``.
-
-    ``fixed`` and ``per_sample`` are live-tensor bytes of one no-grad forward (weights, the input batch and the
-    largest set of activations alive at once), exact from a fake-tensor forward; ``overhead`` is what the device
-    adds regardless of the batch (the CUDA context, or the process on the CPU) and ``slack`` what it adds in
-    proportion (allocator and kernel scratch).
-    """
-
-    fixed: int
-    per_sample: int
-    overhead: int
-    slack: float
-    overhead_what: str
-
-    def peak(self, batch: int) -> int:
-        return int(self.overhead + (self.fixed + self.per_sample * batch) * (1.0 + self.slack))
-
-    def largest_batch(self, budget: int, cap: int = MAX_BATCH) -> int:
-        """The largest batch up to ``cap`` whose peak fits ``budget``; 0 when not even one utterance fits."""
-        room = (budget - self.overhead) / (1.0 + self.slack) - self.fixed
-        batch = max(0, min(cap, int(room // self.per_sample))) if room > 0 else 0
-        while batch and self.peak(batch) > budget:  # float rounding must not let the answer overshoot by a byte
-            batch -= 1
-        return batch
-
-
-def forward_live_peak(arch: ArchConfig | str, batch: int, samples: int, precision: str, device: torch.device) -> int:
-    """Live-tensor peak of one eval-mode, no-grad forward of ``batch`` inputs, from fake tensors (nothing computed).
-
-    As in :mod:`.memory.estimate`, the model is built for real (its filter bank comes from NumPy) and then every
-    tensor is swapped for a fake one, so the forward allocates nothing. The count includes the weights and the
-    input, which are live throughout. On CUDA only device tensors count (the batch arrives from the CPU).
-    """
-    model = AASIST(arch).to(device).eval()
-    mode = FakeTensorMode()
-    fake_module(model, mode)
-    with mode:
-        wave = torch.empty(batch, samples, device=device)
-        tracker = LiveTensorTracker(device)
-        tracker.track([*model.parameters(), *model.buffers(), wave])
-        tracker.reset_peak()
-        with tracker, torch.no_grad(), autocast_ctx(device, precision):
-            model(wave)
-    return tracker.peak_bytes
-
-
-def inference_cost(arch: ArchConfig | str, samples: int, precision: str, device: torch.device,
-                   context_bytes: int = 0) -> InferenceCost:
-    """Fit the fake forward at batch 1 and 2 (live bytes are linear in the batch: every activation is per item)
-    and add the device's overheads (``context_bytes``: the CUDA context from the device facts)."""
-    one = forward_live_peak(arch, 1, samples, precision, device)
-    two = forward_live_peak(arch, 2, samples, precision, device)
-    per_sample = max(two - one, 1)
-    if device.type == "cuda":
-        return InferenceCost(one - per_sample, per_sample, context_bytes, CUDA_SLACK, "CUDA context")
-    slack = CPU_SLACK.get(precision, max(CPU_SLACK.values()))
-    return InferenceCost(one - per_sample, per_sample, CPU_PROCESS_BYTES, slack, "process")
 
 
 # --- the partial score file -----------------------------------------------------------------------------------
@@ -278,38 +186,6 @@ def _warn(console: Console, text: str) -> None:
     console.print(f"[yellow]warning[/yellow] {escape(text)}", highlight=False)
 
 
-def _choose_batch(cost: InferenceCost, batch: int, budget: str, facts: Any, console: Console) -> tuple[int, int | None]:
-    """(batch, budget in bytes to enforce or None). A given ``batch`` is used as it is: an explicit budget then
-    only warns, and ``auto`` is not even measured (a full machine must not stop a run the user sized by hand)."""
-    if batch > 0:
-        line = f"batch {batch} (given): predicted peak {format_bytes(cost.peak(batch))}"
-        if budget.strip().lower() != "auto":
-            budget_bytes, warnings = resolve_budget(budget, facts)
-            for w in warnings:
-                _warn(console, w)
-            line += f" of the {format_bytes(budget_bytes)} budget"
-            if cost.peak(batch) > budget_bytes:
-                _warn(console, f"batch {batch} is predicted to need more than --budget {budget.strip()}")
-        console.print(line, highlight=False)
-        return batch, None
-    budget_bytes, warnings = resolve_budget(budget, facts)
-    for w in warnings:
-        _warn(console, w)
-    chosen = cost.largest_batch(budget_bytes)
-    if chosen < 1:
-        raise NoPlanError(
-            f"scoring needs about {format_bytes(cost.peak(1))} at batch 1, more than the "
-            f"{format_bytes(budget_bytes)} budget; give a larger --budget"
-        )
-    console.print(
-        f"batch {chosen}: predicted peak {format_bytes(cost.peak(chosen))} of the {format_bytes(budget_bytes)} "
-        f"budget ({format_bytes(cost.overhead)} {cost.overhead_what} + ({format_bytes(cost.fixed)} + "
-        f"{format_bytes(cost.per_sample)} per utterance) x {1 + cost.slack:.2f} for allocator and kernel scratch)",
-        highlight=False,
-    )
-    return chosen, budget_bytes
-
-
 def _metrics(split: Split, scores: np.ndarray, asv_path: Path | None, console: Console) -> dict | None:
     """evaluate() over the scored utterances that have keys, when both classes are among them."""
     scored = np.isfinite(scores)
@@ -346,14 +222,14 @@ def run_eval(
     console: Console | None = None,
     *,
     model: str = "auto",
-    samples: int = EVAL_SAMPLES,
+    samples: int = 0,
 ) -> EvalResult:
     """Score every utterance of ``split`` and write ``UTT ATTACK KEY SCORE`` lines to ``out`` (default
     ``scores-<layout>-<split>.txt`` here); EER / min t-DCF when the split has keys for both classes.
 
     ``batch`` > 0 forces the batch; 0 takes the largest (up to 64) whose predicted peak fits ``budget``.
-    ``samples`` is the input length, the reference 64,600 (first samples, short clips tiled); other values are
-    for tests and experiments. ``model`` is auto, AASIST or AASIST-L. Unreadable audio is reported once per file
+    ``samples`` is the input length, by default the model's reference input (AASIST: the first 64,600 samples,
+    short clips tiled); other values are for tests and experiments. ``model`` is auto or a family name. Unreadable audio is reported once per file
     (``skipped PATH: reason``) and left out of the file. Resumes from ``<out>.partial``; raises EvalResumeError
     when that partial was made with other weights, data or settings.
     """
@@ -364,19 +240,21 @@ def run_eval(
         enable_expandable_segments()  # before the first CUDA allocation, which device_facts makes
     prec = resolve_precision(precision, dev)
     weights = Path(weights)
-    net = load_model(weights, model, map_location="cpu").to(dev).eval()
-    if samples < min_samples(net.arch):
-        raise ValueError(f"samples must be at least {min_samples(net.arch):,} for {net.arch.name}, got {samples:,}")
+    net, family = load(weights, model, map_location="cpu")
+    net = net.to(dev)
+    samples = samples or family.input.eval_samples
+    if samples < family.input.min_samples:
+        raise ValueError(f"samples must be at least {family.input.min_samples:,} for {family.name}, got {samples:,}")
     asv_path = Path(asv_scores) if asv_scores is not None else None
     if asv_path is not None:
         read_asv_scores(asv_path)  # a bad file fails now, not after hours of scoring
 
     # Before indexing, which can take minutes on a large corpus: a budget that cannot work fails at once.
-    facts = device_facts(dev)
-    cost = inference_cost(net.arch, samples, prec, dev, facts.context_bytes)
-    chosen, enforced = _choose_batch(cost, batch, budget, facts, console)
-    if enforced is not None:
-        enforce_budget(dev, enforced, facts.context_bytes)
+    plan = plan_inference(family.name, dev, budget, batch, samples, prec)
+    for warning in plan.warnings:
+        _warn(console, warning)
+    console.print(plan.line, highlight=False)
+    chosen = plan.batch
 
     indexed = load_split(root, split, layout, phase, console)
     sp = indexed.split
@@ -397,7 +275,7 @@ def run_eval(
         atomic_write_json(sidecar, identity)  # before the partial, so a partial never exists without it
 
     console.print(
-        f"scoring {len(sp):,} utterances of {sp.layout} {split} with {weights.name} ({net.arch.name}, {dev}, "
+        f"scoring {len(sp):,} utterances of {sp.layout} {split} with {weights.name} ({family.name}, {dev}, "
         f"{prec}, first {samples:,} samples) into {out}",
         highlight=False,
     )

@@ -6,34 +6,26 @@ Scores are the bona fide logit (class 1), as the published evaluation reports th
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .audio import EVAL_SAMPLES, AudioError, eval_input, iter_windows
+from .audio import AudioError, eval_input, iter_windows
 from .data.dataset import EvalInputs, make_loader
 from .data.split import Split
-from .memory.device import autocast_dtype
+from .memory.device import autocast_ctx
+from .models import InputSpec, family_of
 from .storage import atomic_write_text
-
-FULL_HOP = EVAL_SAMPLES // 2
-"""``--full`` windows: 64,600 samples every 32,300 (50% overlap), the last one aligned to the end; mean logit."""
-
-
-def autocast_ctx(device: torch.device, precision: str):
-    """Autocast for bf16/fp16; a no-op for fp32 so callers never branch on precision."""
-    dtype = autocast_dtype(precision)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 @torch.no_grad()
 def bona_fide_logits(model: torch.nn.Module, wave: torch.Tensor, device: torch.device, precision: str) -> np.ndarray:
+    """The score of each waveform: the bona fide logit, the class the model's family names."""
     with autocast_ctx(device, precision):
         logits = model(wave.to(device, non_blocking=True))
-    return logits[:, 1].float().cpu().numpy()
+    return logits[:, family_of(model).input.bona_fide_class].float().cpu().numpy()
 
 
 def score_split(
@@ -95,10 +87,12 @@ def _batched(items: Iterable, n: int) -> Iterator[list]:
         yield chunk
 
 
-def score_file_full(model: torch.nn.Module, path: Path, device: torch.device, precision: str, batch: int) -> FileScore:
-    """Whole recording: overlapping reference-length windows read in chunks; score = mean window logit."""
+def score_file_full(model: torch.nn.Module, path: Path, device: torch.device, precision: str, batch: int,
+                    spec: InputSpec) -> FileScore:
+    """Whole recording: overlapping reference-length windows (``spec.eval_samples`` every ``spec.full_hop``) read
+    in chunks; score = mean window logit."""
     total, count = 0.0, 0
-    for windows in _batched(iter_windows(path, EVAL_SAMPLES, FULL_HOP), batch):
+    for windows in _batched(iter_windows(path, spec.eval_samples, spec.full_hop), batch):
         logits = bona_fide_logits(model, torch.from_numpy(np.stack(windows)), device, precision)
         total += float(logits.sum())
         count += len(windows)
@@ -113,12 +107,14 @@ def score_files(
     full: bool = False,
     batch: int = 8,
 ) -> Iterator[FileScore]:
-    """Score each file (reference input by default, ``full`` for whole recordings); bad files yield an error."""
+    """Score each file (the model's reference input by default, ``full`` for whole recordings); bad files yield an
+    error."""
     model.eval()
+    spec = family_of(model).input
     if full:
         for path in paths:
             try:
-                yield score_file_full(model, path, device, precision, batch)
+                yield score_file_full(model, path, device, precision, batch, spec)
             except AudioError as exc:
                 yield FileScore(str(path), error=str(exc))
         return
@@ -127,7 +123,7 @@ def score_files(
         waves, slots = [], []
         for slot, path in enumerate(group):
             try:
-                waves.append(eval_input(path))
+                waves.append(eval_input(path, spec.eval_samples))
                 slots.append(slot)
             except AudioError as exc:
                 results[slot] = FileScore(str(path), error=str(exc))

@@ -16,11 +16,13 @@ import torch
 
 from lowmem_aasist.data.dataset import EpochSampler
 from lowmem_aasist.data.demo import make_demo_corpus
-from lowmem_aasist.model import AASIST
+from lowmem_aasist.models.aasist import AASIST
 from lowmem_aasist.step import forward_backward
 
 
-def _torchrun(args: list[str], cwd, timeout: int = 240) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], cwd, timeout: int = 900) -> subprocess.CompletedProcess:
+    # A generous limit: on a loaded 2-core machine two processes importing torch and joining a gloo group can take
+    # minutes; the limit is there only so that a hung rendezvous fails instead of hanging the suite.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -44,7 +46,7 @@ WORKER = textwrap.dedent('''
     import os, sys, torch
     from contextlib import nullcontext
     from lowmem_aasist.distributed import join_world, leave_world, wrap_for_ranks
-    from lowmem_aasist.model import AASIST
+    from lowmem_aasist.models.aasist import AASIST
     from lowmem_aasist.step import forward_backward
 
     world, _ = join_world("cpu")
@@ -79,7 +81,13 @@ def test_two_gloo_processes_give_the_single_process_gradient(tmp_path):
     x, y = torch.randn(8, 4000, generator=g), torch.tensor([1, 0, 0, 1, 0, 0, 1, 0])
     from contextlib import nullcontext
 
-    loss = forward_backward(model, x, y, torch.tensor([0.1, 0.9]), 2, nullcontext)
+    # One thread, as each worker runs (OMP_NUM_THREADS=1): the kernels then sum in the same order whatever the load.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loss = forward_backward(model, x, y, torch.tensor([0.1, 0.9]), 2, nullcontext)
+    finally:
+        torch.set_num_threads(threads)
     assert ddp["loss"].item() == pytest.approx(loss.item(), rel=1e-6)
     single = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert single.keys() == ddp["grads"].keys()

@@ -16,12 +16,13 @@ from rich.console import Console
 
 import lowmem_aasist.data.dataset as dataset
 import lowmem_aasist.evaluation as evaluation
+import lowmem_aasist.memory.inference as inference
 from lowmem_aasist.audio import AudioError
 from lowmem_aasist.data.demo import make_demo_corpus
 from lowmem_aasist.evaluation import EvalResumeError, run_eval
 from lowmem_aasist.memory.plan import NoPlanError
 from lowmem_aasist.metrics import read_cm_scores
-from lowmem_aasist.model import AASIST
+from lowmem_aasist.models.aasist import AASIST
 
 SAMPLES = 4_000
 N_EVAL = 12
@@ -81,7 +82,7 @@ def test_full_run_scores_every_utterance_in_split_order(corpus, reference):
 def test_budget_chooses_the_batch_and_says_so(corpus, weights, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     console = Console(record=True, width=400)
-    cost = evaluation.inference_cost("AASIST-L", SAMPLES, "fp32", torch.device("cpu"))
+    cost = inference.inference_cost("AASIST-L", SAMPLES, "fp32", torch.device("cpu"))
     budget = cost.peak(9) + cost.per_sample // 2  # room for 9 utterances, not 10
     result = run_eval(corpus, weights, budget=f"{budget}B", console=console, **FAST)
     assert result.batch == 9
@@ -99,10 +100,10 @@ def test_budget_chooses_the_batch_and_says_so(corpus, weights, tmp_path, monkeyp
 
 def test_inference_cost_is_linear_in_the_batch():
     cpu = torch.device("cpu")
-    cost = evaluation.inference_cost("AASIST-L", SAMPLES, "fp32", cpu)
-    live = evaluation.forward_live_peak("AASIST-L", 5, SAMPLES, "fp32", cpu)
+    cost = inference.inference_cost("AASIST-L", SAMPLES, "fp32", cpu)
+    live = inference.forward_live_peak("AASIST-L", 5, SAMPLES, "fp32", cpu)
     assert cost.fixed + 5 * cost.per_sample == live
-    assert cost.largest_batch(cost.peak(64) * 10) == evaluation.MAX_BATCH
+    assert cost.largest_batch(cost.peak(64) * 10) == inference.MAX_BATCH
     assert cost.largest_batch(cost.peak(1) - 1) == 0
 
 

@@ -13,11 +13,10 @@ from rich.console import Console
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import lowmem_aasist.memory.explain as explain_mod
+from lowmem_aasist.memory.device import autocast_ctx
 from lowmem_aasist.memory.engine import prepare_model
 from lowmem_aasist.memory.estimate import estimate_step_peak, fake_module
 from lowmem_aasist.memory.explain import (
-    FRONT_END,
-    GRAPH,
     OPTIMIZER,
     WEIGHTS,
     Breakdown,
@@ -29,10 +28,10 @@ from lowmem_aasist.memory.explain import (
 )
 from lowmem_aasist.memory.measure import LiveTensorTracker
 from lowmem_aasist.memory.techniques import apply_checkpointing, apply_lean_pooling
-from lowmem_aasist.model import AASIST
-from lowmem_aasist.scoring import autocast_ctx
+from lowmem_aasist.models.aasist import AASIST
 
 MODEL, CROP = "AASIST-L", 16_000
+FRONT_END, GRAPH = "front end", "graph"  # AASIST's first and last sections
 
 
 @functools.cache

@@ -14,8 +14,8 @@ from lowmem_aasist.config import load_config
 from lowmem_aasist.data.corpora import LayoutError, read_split
 from lowmem_aasist.data.demo import make_demo_corpus
 from lowmem_aasist.data.index import TooManyBadFiles
-from lowmem_aasist.model import load_model
-from lowmem_aasist.train import RunFolderError, fit
+from lowmem_aasist.models import load_model
+from lowmem_aasist.train import Feature, RunFolderError, fit
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def test_fit_writes_every_run_file(corpus, tmp_path):
     assert utt.startswith("LA_D_") and key in ("bonafide", "spoof") and np.isfinite(float(score))
     for name in ("last.pt", "best.pt"):
         ckpt = torch.load(out / "checkpoints" / name, map_location="cpu", weights_only=True)
-        assert ckpt["step"] == 3 and ckpt["config"]["model"]["name"] == "AASIST-L"
+        assert ckpt["position"]["step"] == 3 and ckpt["config"]["model"]["name"] == "AASIST-L"
         assert load_model(out / "checkpoints" / name).arch.name == "AASIST-L"  # strict load
 
 
@@ -183,3 +183,51 @@ def test_fit_trains_on_an_asvspoof5_layout(corpus, tmp_path):
     result = fit(_quick_cfg(root, max_steps=2), out)
     assert result.steps == 2 and json.loads((out / "config.json").read_text())["data"]["root"] == str(root)
     assert len((out / "scores" / "dev.txt").read_text().splitlines()) == 10
+
+
+class Counting(Feature):
+    """A feature as later ones (weight averaging, early stopping) will be: hooks, state, and a stop rule."""
+
+    name = "counting"
+
+    def __init__(self, stop_after_evals: int = 0) -> None:
+        self.steps, self.evals, self.stop_after = 0, [], stop_after_evals
+
+    def after_step(self, state):
+        self.steps += 1
+        assert state.position.step == self.steps  # called once per step, its count restored on resume
+
+    def after_eval(self, state, dev_eer):
+        self.evals.append(dev_eer)
+
+    def should_stop(self, state):
+        return bool(self.stop_after) and len(self.evals) >= self.stop_after
+
+    def state_dict(self):
+        return {"steps": self.steps, "evals": list(self.evals)}
+
+    def load_state_dict(self, state):
+        self.steps, self.evals = state["steps"], list(state["evals"])
+
+
+class Recording:
+    def __init__(self) -> None:
+        self.records = []
+
+    def log(self, record):
+        self.records.append(record)
+
+
+def test_features_and_loggers_enter_as_objects_and_resume_with_the_run(corpus, tmp_path):
+    out = tmp_path / "run"
+    counting, logger = Counting(stop_after_evals=1), Recording()
+    result = fit(_quick_cfg(corpus, epochs=3), out, features=[counting], logger=logger)
+    assert result.epochs == 1 and result.steps == 6  # stopped by the feature after the first evaluation
+    assert counting.steps == 6 and len(counting.evals) == 1 and counting.evals[0] == result.dev_eers[0]
+    assert [r["step"] for r in logger.records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert not (out / "metrics.jsonl").exists()  # the logger given replaces the default one
+    saved = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["features"]
+    assert saved == {"counting": {"steps": 6, "evals": counting.evals}}
+    resumed = Counting(stop_after_evals=2)
+    assert fit(_quick_cfg(corpus, epochs=3), out, resume=True, features=[resumed]).epochs == 2
+    assert resumed.steps == 12 and len(resumed.evals) == 2 and resumed.evals[0] == counting.evals[0]

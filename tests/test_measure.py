@@ -20,7 +20,7 @@ from lowmem_aasist.memory.measure import (
     tensors_bytes,
 )
 from lowmem_aasist.memory.techniques import apply_channels_last
-from lowmem_aasist.model import AASIST
+from lowmem_aasist.models.aasist import AASIST
 
 MiB = 2**20
 

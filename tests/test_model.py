@@ -10,16 +10,8 @@ import soundfile as sf
 import torch
 import torch.nn.functional as F
 
-from lowmem_aasist.model import (
-    AASIST,
-    ARCHS,
-    WeightsError,
-    count_parameters,
-    detect_arch,
-    load_model,
-    min_samples,
-    receptive_frames,
-)
+from lowmem_aasist.models import FAMILIES, WeightsError, count_parameters, detect_family, load_model
+from lowmem_aasist.models.aasist import AASIST, ARCHS, min_samples, receptive_frames
 
 
 def _reference_input(path) -> torch.Tensor:
@@ -38,7 +30,7 @@ def test_published_weights_load_strict_and_detect(shared_dir, name):
     model = load_model(shared_dir / "weights" / f"{name}.pth")
     assert model.arch.name == name
     state = torch.load(shared_dir / "weights" / f"{name}.pth", map_location="cpu", weights_only=True)
-    assert detect_arch(state) is ARCHS[name]
+    assert detect_family(state) is FAMILIES[name]
     assert set(model.state_dict()) == set(state)
 
 
@@ -135,7 +127,7 @@ def test_bad_weight_files_get_one_line(tmp_path):
         load_model(other)
     listy = tmp_path / "list.pth"
     torch.save([1, 2, 3], listy)
-    with pytest.raises(WeightsError, match="list.pth: not an AASIST state dict"):
+    with pytest.raises(WeightsError, match="list.pth: not an AASIST or AASIST-L state dict"):
         load_model(listy)
 
 

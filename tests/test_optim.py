@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lowmem_aasist.memory.optim import OptimizerError, make_optimizer, optimizer_state_bytes
-from lowmem_aasist.model import AASIST
+from lowmem_aasist.models.aasist import AASIST
 
 
 def _one_step(model, optimizer):

@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import pytest
 
+from lowmem_aasist.memory.engine import model_limits
 from lowmem_aasist.memory.plan import (
     REF_CROP,
     Cost,
     NoPlanError,
     Overheads,
     Technique,
-    best_plan,
     micro_batches,
-    plan_candidates,
     predict_peak,
 )
+from lowmem_aasist.memory.plan import best_plan as _best_plan
+from lowmem_aasist.memory.plan import plan_candidates as _plan_candidates
+from lowmem_aasist.models import get_family
+
+LIMITS = model_limits(get_family("AASIST"))
+
+
+def best_plan(budget, costs, overheads, effective_batch=24, crop=REF_CROP, micro_batch=0):
+    return _best_plan(budget, costs, overheads, effective_batch, crop, LIMITS, micro_batch)
+
+
+def plan_candidates(budget, costs, overheads):
+    return _plan_candidates(budget, costs, overheads, 24, REF_CROP, LIMITS)
+
 
 MiB, GiB = 2**20, 2**30
 
@@ -36,8 +49,8 @@ CPU = {"fp32": Overheads(base_bytes=450 * MiB, per_sample_bytes=75 * MiB),
 
 
 def test_micro_batches_divide_the_effective_batch():
-    assert micro_batches(24) == [24, 12, 8, 6, 4, 3, 2]  # never 1: AASIST's graph BatchNorm needs two
-    assert micro_batches(7) == [7]
+    assert micro_batches(24, LIMITS.min_micro_batch) == [24, 12, 8, 6, 4, 3, 2]  # never 1: graph BatchNorm
+    assert micro_batches(7, LIMITS.min_micro_batch) == [7]
 
 
 @pytest.mark.parametrize("gib", [4, 6, 8, 12, 15])

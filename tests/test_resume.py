@@ -10,14 +10,14 @@ import signal
 import pytest
 import torch
 
-from lowmem_aasist import train as train_module
 from lowmem_aasist.checkpoint import ResumeError
 from lowmem_aasist.cli import main
-from lowmem_aasist.config import load_config
+from lowmem_aasist.config import PROFILES_DIR, load_config
 from lowmem_aasist.data.demo import make_demo_corpus
 from lowmem_aasist.interrupt import Interrupted
 from lowmem_aasist.memory.plan import NoPlanError
 from lowmem_aasist.train import RunFolderError, fit, smaller_micro_batch
+from lowmem_aasist.train import loop as train_module
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +114,10 @@ def test_a_crash_between_write_and_rename_leaves_the_previous_checkpoint(corpus,
 def test_out_of_memory_halves_the_micro_batch_and_redoes_the_step(corpus, tmp_path, monkeypatch):
     real = train_module.forward_backward
 
-    def small_card(model, x, y, weights, micro_batch, *rest):
+    def small_card(model, x, y, weights, micro_batch, *rest, **kwargs):
         if micro_batch > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(model, x, y, weights, micro_batch, *rest)
+        return real(model, x, y, weights, micro_batch, *rest, **kwargs)
 
     monkeypatch.setattr(train_module, "forward_backward", small_card)
     out = tmp_path / "run"
@@ -137,8 +137,8 @@ def test_out_of_memory_halves_the_micro_batch_and_redoes_the_step(corpus, tmp_pa
 
 
 def test_smaller_micro_batch_keeps_dividing_the_batch():
-    assert [smaller_micro_batch(24, m) for m in (24, 12, 6, 3, 2)] == [12, 6, 3, 0, 0]  # never below 2
-    assert smaller_micro_batch(24, 8) == 4 and smaller_micro_batch(20, 5) == 2
+    assert [smaller_micro_batch(24, m, 2) for m in (24, 12, 6, 3, 2)] == [12, 6, 3, 0, 0]  # never below 2
+    assert smaller_micro_batch(24, 8, 2) == 4 and smaller_micro_batch(20, 5, 2) == 2
 
 
 def test_cli_resume_reads_the_run_config_and_refuses_recipe_changes(corpus, tmp_path, capsys):
@@ -173,3 +173,22 @@ def test_a_second_ctrl_c_stops_at_once():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_the_first_command_plus_resume_continues_and_only_a_changed_result_is_refused(tmp_path, capsys):
+    # How people resume: the command that started the run, with --resume added (issue 14: --demo was refused).
+    profile = tmp_path / "tiny-demo.toml"
+    profile.write_text((PROFILES_DIR / "demo.toml").read_text().replace("n_train = 800", "n_train = 16")
+                       .replace("n_dev = 200", "n_dev = 4").replace("n_eval = 200", "n_eval = 2"))
+    out = tmp_path / "run"
+    first = ["fit", "--demo", "--demo-dir", str(tmp_path / "demo"), "--profile", str(profile), "--crop", "3000",
+             "--batch", "4", "--seed", "3", "--epochs", "1", "--workers", "0", "--precision", "fp32", "--out", str(out)]
+    assert main([*first, "--max-steps", "2"]) == 0
+    assert main([*first, "--max-steps", "3", "--resume"]) == 0
+    assert "resumed at step 2" in capsys.readouterr().out
+    # An option left out keeps the run's value (the run's config is the base, not the profile's defaults) ...
+    assert main(["fit", "--out", str(out), "--resume", "--max-steps", "4"]) == 0
+    assert "resumed at step 3" in capsys.readouterr().out
+    # ... and one that differs and changes the result is refused, naming it and both values.
+    assert main([*[a if a != "3" else "5" for a in first], "--resume"]) == 2
+    assert "train.seed: 3 -> 5" in capsys.readouterr().err

@@ -11,8 +11,9 @@ import torch
 
 from lowmem_aasist.audio import EVAL_SAMPLES, read_audio, tile
 from lowmem_aasist.cli import main
-from lowmem_aasist.model import AASIST
-from lowmem_aasist.scoring import FULL_HOP
+from lowmem_aasist.models.aasist import AASIST
+
+FULL_HOP = 32_300  # --full: windows every 32,300 samples, as the README says
 
 
 @pytest.fixture(scope="module")

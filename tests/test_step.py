@@ -7,7 +7,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from lowmem_aasist.model import AASIST
+from lowmem_aasist.models.aasist import AASIST
 from lowmem_aasist.step import forward_backward
 
 

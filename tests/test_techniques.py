@@ -16,13 +16,13 @@ from torch import Tensor, nn
 
 import lowmem_aasist.memory.techniques as techniques
 from lowmem_aasist.memory.techniques import (
-    POLICIES,
     LeanMaxPool,
     apply_channels_last,
     apply_checkpointing,
     apply_lean_pooling,
 )
-from lowmem_aasist.model import AASIST, ResidualBlock
+from lowmem_aasist.models.aasist import AASIST, ResidualBlock
+from lowmem_aasist.models.aasist_memory import POLICIES
 
 CROP, BATCH = 6000, 3
 LAYOUTS = [torch.contiguous_format, torch.channels_last]

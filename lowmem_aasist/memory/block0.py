@@ -38,16 +38,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ..model import ResidualBlock
-from .techniques import LeanMaxPool, _CheckpointedForward, _is_time_pool_by_3
+from ..models.aasist import ResidualBlock
+from .techniques import (
+    SELU_ALPHA,
+    SELU_SCALE,
+    LeanMaxPool,
+    _CheckpointedForward,
+    _is_time_pool_by_3,
+    is_channels_last,
+)
 
 __all__ = ["Block0Function", "apply_block0"]
 
 aten = torch.ops.aten
-
-# SELU's constants as ATen's selu kernel uses them; its backward is elu_backward on the result with these.
-_SELU_ALPHA = 1.6732632423543772848170429916717
-_SELU_SCALE = 1.0507009873554804934193349852946
 
 # Group sizes: each trades kernel efficiency and the number of ops (on a busy machine every op can wait for a
 # preempted thread) against the slices alive at once (1/32 of a map per channel and slice). Results do not depend
@@ -79,10 +82,6 @@ class _Weights(NamedTuple):
 
 def _groups(chans: slice, size: int) -> list[slice]:
     return [slice(i, min(i + size, chans.stop)) for i in range(chans.start, chans.stop, size)]
-
-
-def _is_channels_last(t: Tensor) -> bool:
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _dense(t: Tensor, fmt: torch.memory_format) -> Tensor:
@@ -201,7 +200,7 @@ class Block0Function(torch.autograd.Function):
         shared_cast: bool,
     ) -> Tensor:
         # Channels-last weights (apply_channels_last) make the stock convolutions run channels-last; follow them.
-        channels_last = _is_channels_last(w2)
+        channels_last = is_channels_last(w2)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         with torch.autocast(x.device.type, enabled=False):  # every cast below is explicit
             xc = _dense(x.to(dtype), fmt)
@@ -283,7 +282,7 @@ class Block0Function(torch.autograd.Function):
                     t0, t1 = 3 * q0, (3 * q1 if q1 < windows else width)
                     h_t = h[..., t0:t1]
                     aten.elu_backward.grad_input(
-                        g_in[..., t0 - 3 * lo : t1 - 3 * lo], _SELU_ALPHA, _SELU_SCALE, 1.0, True, h_t, grad_input=h_t
+                        g_in[..., t0 - 3 * lo : t1 - 3 * lo], SELU_ALPHA, SELU_SCALE, 1.0, True, h_t, grad_input=h_t
                     )
                     del g_in, h_t
 

@@ -91,6 +91,12 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def autocast_ctx(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast for bf16/fp16; a no-op for fp32 so callers never branch on precision."""
+    dtype = autocast_dtype(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 @dataclasses.dataclass(frozen=True)
 class DeviceFacts:
     """What the memory planner needs to know about one device, read once at setup.

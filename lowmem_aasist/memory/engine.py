@@ -18,48 +18,55 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..model import AASIST
+from ..models import ModelFamily, build_model, family_of, get_family
 from ..storage import atomic_write_json
 from .device import DeviceFacts
-from .plan import REF_CROP, Cost, Overheads, Plan, Technique, best_plan
+from .inference import InferenceCost, inference_cost
+from .plan import REF_CROP, Cost, ModelLimits, NoPlanError, Overheads, Plan, Technique, best_plan
 from .techniques import apply_channels_last, apply_checkpointing, apply_lean_pooling
 
-CACHE_VERSION = 7
-
-AUTO_POLICIES = ("none", "tiled")
-"""Policies the planner weighs on its own. The others never win, measured (benchmarks/results/cpu/memory_matrix.md,
-AASIST at 64,600, bf16): ``gat`` has the peak of ``none`` (the graph layers hold ~1 MiB per sample) at a little more
-time; ``encoder`` is *above* ``none`` once the lean pool is in; ``all`` has the peak of ``block0-segments`` with
-more recompute; ``block0-segments`` (97.5 MiB per sample) and ``block0`` (58.8) are both above ``tiled`` (31.2) and
-no faster (per-sample step time against ``none``: 1.36x, 1.43x and 1.32x). The others stay available by name
-(``--checkpoint block0`` is the exact one: bit-identical steps, where ``tiled`` changes rounding), and leaving
-them out keeps a first probe short."""
+CACHE_VERSION = 8
 CALIBRATION_MICRO_BATCHES = (2, 4)
 
 
 def prepare_model(model: nn.Module, checkpoint: str, channels_last: bool = False) -> list[str]:
-    """Apply a plan's techniques at setup: the exact lean building blocks always, then the checkpoint policy."""
+    """Apply a plan's techniques at setup: the exact lean building blocks always, then the checkpoint policy (one
+    of the model family's), then the layout."""
+    family = family_of(model)
     applied = [f"lean-pool:{name}" for name in apply_lean_pooling(model)]
-    applied += [f"checkpoint:{name}" for name in apply_checkpointing(model, checkpoint)]
+    applied += [f"checkpoint:{name}" for name in apply_checkpointing(model, family.policy(checkpoint))]
     if channels_last:
         apply_channels_last(model)
-        applied.append("channels-last:encoder")
+        applied.append(f"channels-last:{family.channels_last_module}")
     return applied
 
 
+def model_limits(family: ModelFamily) -> ModelLimits:
+    """What the planner needs to know of a family: its micro-batch limits, fallback crops and policy speeds."""
+    lim = family.limits
+    return ModelLimits(lim.min_micro_batch, lim.why_min, lim.noisy_below, lim.fallback_crops,
+                       tuple((name, p.relative_time) for name, p in family.policies().items()))
+
+
 def candidate_techniques(
-    facts: DeviceFacts, precision: str = "auto", checkpoint: str = "auto", optimizer: str = "adam"
+    facts: DeviceFacts,
+    precision: str = "auto",
+    checkpoint: str = "auto",
+    optimizer: str = "adam",
+    auto_policies: tuple[str, ...] = ("none",),
 ) -> list[Technique]:
-    """Techniques worth planning with on this device, every policy unless forced. ``auto`` precision is the one
-    precision the device runs best: where autocast is native it needs less memory and time than fp32 at every
-    micro-batch, so fp32 could never win and calibrating it would only slow ``probe`` down."""
+    """Techniques worth planning with on this device: the family's ``auto_policies`` unless one is forced (the
+    others never win: benchmarks/results/cpu/memory_matrix.md, and leaving them out keeps a first probe short).
+    ``auto`` precision is the one precision the device runs best: where autocast is native it needs less memory
+    and time than fp32 at every micro-batch, so fp32 could never win and calibrating it would only slow ``probe``
+    down."""
     if precision != "auto":
         precisions = [precision]
     elif facts.kind == "cuda":
         precisions = ["bf16" if facts.native_bf16 else "fp16"]
     else:
         precisions = ["bf16" if facts.native_bf16 else "fp32"]
-    policies = list(AUTO_POLICIES) if checkpoint == "auto" else [checkpoint]
+    policies = list(auto_policies) if checkpoint == "auto" else [checkpoint]
     optimizers = ["adam"] if optimizer == "auto" else [optimizer]
     return [Technique(p, c, o) for p in precisions for c in policies for o in optimizers]
 
@@ -125,7 +132,7 @@ def _calibration_step(model_name: str, device: torch.device, precision: str, mic
     from .measure import build_step
 
     torch.manual_seed(0)
-    model = AASIST(model_name).to(device)
+    model = build_model(model_name).to(device)
     prepare_model(model, "none")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     return model, optimizer, build_step(model, optimizer, micro_batch, crop, micro_batch, precision, device)
@@ -263,10 +270,58 @@ def plan_run(
     from .budget import resolve_budget
     from .device import device_facts
 
+    family = get_family(model_name)
     facts = device_facts(device)
     budget_bytes, warnings = resolve_budget(budget, facts)
-    techniques = candidate_techniques(facts, precision, checkpoint, optimizer)
+    techniques = candidate_techniques(facts, precision, checkpoint, optimizer, family.auto_policies)
     costs = technique_costs(model_name, techniques, channels_last, on_progress=on_progress)
     calibration = calibrate_overheads(facts, device, model_name, sorted({t.precision for t in techniques}), crop)
-    plan, candidates = best_plan(budget_bytes, costs, calibration.overheads, effective_batch, crop, micro_batch)
+    plan, candidates = best_plan(budget_bytes, costs, calibration.overheads, effective_batch, crop,
+                                 model_limits(family), micro_batch)
     return RunPlan(facts, budget_bytes, tuple(warnings), plan, tuple(candidates), calibration, model_name)
+
+
+@dataclass(frozen=True)
+class InferencePlan:
+    """The batch ``eval`` scores with, and why (what ``eval`` prints before it starts)."""
+
+    batch: int
+    cost: InferenceCost
+    budget_bytes: int | None
+    """The budget that was enforced, or None when the batch was given (a given batch is used as it is)."""
+    line: str
+    warnings: tuple[str, ...]
+
+
+def plan_inference(model_name: str, device: torch.device, budget: str, batch: int, samples: int,
+                   precision: str) -> InferencePlan:
+    """Read the device, predict scoring's peak per batch and choose the batch: a given ``batch`` (> 0) as it is (an
+    explicit budget then only warns, and ``auto`` is not even measured: a full machine must not stop a run the user
+    sized by hand); otherwise the largest batch whose predicted peak fits ``budget``, which is then enforced.
+    Raises BudgetError or NoPlanError (one line)."""
+    from .budget import format_bytes, resolve_budget
+    from .device import device_facts
+    from .enforce import enforce_budget
+
+    facts = device_facts(device)
+    cost = inference_cost(model_name, samples, precision, device, facts.context_bytes)
+    explicit = budget.strip().lower() != "auto"
+    if batch > 0:
+        line = f"batch {batch} (given): predicted peak {format_bytes(cost.peak(batch))}"
+        warnings: list[str] = []
+        if explicit:
+            budget_bytes, warnings = resolve_budget(budget, facts)
+            line += f" of the {format_bytes(budget_bytes)} budget"
+            if cost.peak(batch) > budget_bytes:
+                warnings.append(f"batch {batch} is predicted to need more than --budget {budget.strip()}")
+        return InferencePlan(batch, cost, None, line, tuple(warnings))
+    budget_bytes, warnings = resolve_budget(budget, facts)
+    chosen = cost.largest_batch(budget_bytes)
+    if chosen < 1:
+        raise NoPlanError(f"scoring needs about {format_bytes(cost.peak(1))} at batch 1, more than the "
+                          f"{format_bytes(budget_bytes)} budget; give a larger --budget")
+    enforce_budget(device, budget_bytes, facts.context_bytes)
+    line = (f"batch {chosen}: predicted peak {format_bytes(cost.peak(chosen))} of the {format_bytes(budget_bytes)} "
+            f"budget ({format_bytes(cost.overhead)} {cost.overhead_what} + ({format_bytes(cost.fixed)} + "
+            f"{format_bytes(cost.per_sample)} per utterance) x {1 + cost.slack:.2f} for allocator and kernel scratch)")
+    return InferencePlan(chosen, cost, budget_bytes, line, tuple(warnings))

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..model import AASIST
+from ..models import build_model
 from .measure import build_step, tracked_step
+from .plan import OPTIMIZERS
 
 # The trainer's Adam settings (config defaults); only weight decay changes memory (one temporary per parameter).
 _ADAM = {"lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 1e-4}
@@ -25,12 +26,21 @@ _ADAM = {"lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 1e-4}
 # min_8bit_size elements; smaller tensors keep float32 state (bitsandbytes.optim.optimizer.Optimizer2State).
 _BNB_BLOCK = 256
 _BNB_MIN_8BIT = 4096
-OPTIMIZERS = ("adam", "adamw", "adam8bit", "adamw8bit")
 
 
 def _make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     cls = torch.optim.AdamW if name.startswith("adamw") else torch.optim.Adam
     return cls(params, **_ADAM)
+
+
+def adam8bit_state_bytes(params: list[nn.Parameter]) -> int:
+    """Bytes of bitsandbytes' 8-bit Adam state for ``params``: two uint8 moments plus one float32 absmax per block
+    for tensors of at least ``_BNB_MIN_8BIT`` elements, two float32 moments for smaller ones."""
+    total = 0
+    for p in params:
+        n = p.numel()
+        total += 2 * (n + 4 * -(-n // _BNB_BLOCK)) if n >= _BNB_MIN_8BIT else 2 * 4 * n
+    return total
 
 
 def _adam8bit_saving(params: list[nn.Parameter]) -> int:
@@ -41,13 +51,7 @@ def _adam8bit_saving(params: list[nn.Parameter]) -> int:
     this; the two optimizers' update temporaries differ too, but they are parameter-sized and the peak is set by
     activations.
     """
-    saving = 0
-    for p in params:
-        n = p.numel()
-        if n >= _BNB_MIN_8BIT:
-            blocks = -(-n // _BNB_BLOCK)
-            saving += 2 * (n * 4) - 2 * (n + blocks * 4)  # two float32 moments -> two uint8 moments + absmax
-    return saving
+    return sum(2 * 4 * p.numel() for p in params) - adam8bit_state_bytes(params)
 
 
 def fake_module(model: nn.Module, mode: FakeTensorMode) -> None:
@@ -92,7 +96,7 @@ def estimate_step_peak(
     # The model is built for real: its front-end filter bank is computed with NumPy, which fake tensors cannot
     # feed. That costs ~1 MB and milliseconds; every tensor is then swapped for a fake one, so the step itself
     # never meets a real tensor (no allow_non_fake_inputs, which would let real allocations go uncounted).
-    model = AASIST(model_name).to(device).train()
+    model = build_model(model_name).to(device).train()
     if prepare is not None:
         prepare(model)
     mode = FakeTensorMode()

@@ -33,13 +33,11 @@ from rich.table import Table
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ..model import AASIST
-from .estimate import fake_module
+from ..models import build_model, family_of
+from .estimate import adam8bit_state_bytes, fake_module
 from .measure import build_step, tracked_step
 from .techniques import apply_checkpointing, apply_lean_pooling
 
-FRONT_END = "front end"
-GRAPH = "graph"
 OPTIMIZER = "optimizer state"
 WEIGHTS = "weights+grads"
 MIB = 1 << 20
@@ -59,15 +57,11 @@ ROWS: tuple[tuple[str, str, bool], ...] = (
     ("bf16", "tiled", True),
 )
 
-# bitsandbytes' 8-bit Adam (Optimizer2State): two uint8 moments plus one float32 absmax per 256-element block, for
-# tensors of at least 4096 elements; smaller tensors keep two float32 moments. Same facts as the estimator uses.
-_BNB_BLOCK = 256
-_BNB_MIN_8BIT = 4096
 
 
-def sections(model: AASIST) -> tuple[str, ...]:
-    """The section names of ``model``, in forward order."""
-    return (FRONT_END, *(f"encoder.{i}" for i in range(len(model.encoder))), GRAPH)
+def sections(model: nn.Module) -> tuple[str, ...]:
+    """The section names of ``model`` (its family's ``sections``), in forward order."""
+    return tuple(section.label for section in family_of(model).sections)
 
 
 @dataclass(frozen=True)
@@ -102,10 +96,11 @@ class SavedBySection:
     the count of that forward is complete, and not holding them leaves the measured peak untouched.
     """
 
-    def __init__(self, model: AASIST) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.names = sections(model)
-        self.current = FRONT_END
+        self.sections = family_of(model).sections
+        self.names = tuple(section.label for section in self.sections)
+        self.current = self.names[0]
         self.last: dict[str, int] = dict.fromkeys(self.names, 0)
         self._counts: dict[str, int] = {}
         self._seen: set[int] = set()
@@ -117,12 +112,14 @@ class SavedBySection:
         model.register_forward_pre_hook(self._start)
         # always_call: the saved-tensor hooks must come off even if the forward raises.
         model.register_forward_hook(self._stop, always_call=True)
-        for i, block in enumerate(model.encoder):
-            block.register_forward_pre_hook(self._enter(f"encoder.{i}"))
-        # Everything after the encoder (graph layers, pools, readout) is the graph half. Hooks on the encoder
-        # containers fire once per forward; a checkpoint's recompute in backward calls the wrapped bodies
-        # directly, and no saved-tensor hooks of ours are active then anyway.
-        model.encoder.register_forward_hook(lambda *_: self._set(GRAPH))
+        # Hooks on the section modules fire once per forward; a checkpoint's recompute in backward calls the
+        # wrapped bodies directly, and no saved-tensor hooks of ours are active then anyway.
+        for section in self.sections[1:]:
+            module = model.get_submodule(section.path)
+            if section.at == "start":
+                module.register_forward_pre_hook(self._enter(section.label))
+            else:
+                module.register_forward_hook(self._enter(section.label))
         return self
 
     def _enter(self, name: str) -> Callable[..., None]:
@@ -136,7 +133,7 @@ class SavedBySection:
         self._exclude = {id(t.untyped_storage()) for t in chain(self.model.parameters(), self.model.buffers())}
         self._seen = set()
         self._counts = dict.fromkeys(self.names, 0)
-        self.current = FRONT_END
+        self.current = self.names[0]
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._hooks.__enter__()
 
@@ -181,7 +178,7 @@ def _run(
     micro-batch, so micro-batch 2 minus 1 is unchanged (tests/test_explain.py checks it against
     :func:`.estimate.estimate_step_peak`) and each run costs a third of the time.
     """
-    model = AASIST(model_name).train()
+    model = build_model(model_name).train()
     # The trainer's order (engine.prepare_model): lean pooling, then checkpointing, then our hooks.
     if lean:
         apply_lean_pooling(model)
@@ -201,16 +198,12 @@ def fixed_bytes(model_name: str) -> dict[str, int]:
 
     Computed from the parameters' sizes, not measured (bitsandbytes runs neither on the CPU nor on fake tensors).
     """
-    model = AASIST(model_name)
+    model = build_model(model_name)
     params = [p for p in model.parameters() if p.requires_grad]
     weights = sum(2 * p.numel() * p.element_size() for p in params)  # fp32 weight + fp32 gradient
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
     adam = sum(2 * 4 * p.numel() for p in params)  # exp_avg and exp_avg_sq, float32
-    adam8 = 0
-    for p in params:
-        n = p.numel()
-        adam8 += 2 * (n + 4 * -(-n // _BNB_BLOCK)) if n >= _BNB_MIN_8BIT else 2 * 4 * n
-    return {WEIGHTS: weights, "adam": adam, "adam8bit": adam8}
+    return {WEIGHTS: weights, "adam": adam, "adam8bit": adam8bit_state_bytes(params)}
 
 
 def breakdown(model_name: str, crop: int, precision: str, policy: str, lean: bool) -> Breakdown:
@@ -240,23 +233,18 @@ def explain(model_name: str, crop: int, console: Console) -> list[Breakdown]:
     rows = [breakdown(model_name, crop, precision, policy, lean) for precision, policy, lean in ROWS]
     fixed = fixed_bytes(model_name)
     stock = rows[0].peak_per_sample
-    n_blocks = len(AASIST(model_name).encoder)
+    names = [name for name in rows[0].per_module if name not in (WEIGHTS, OPTIMIZER)]
     table = Table(
         "precision",
         "pooling",
         "checkpoint",
-        FRONT_END,
-        "encoder.0",
-        "encoder.1",
-        "encoder.2",
-        f"encoder.3–{n_blocks - 1}",  # the small late blocks, summed
-        GRAPH,
+        *names,
         "saved total",
         "peak/sample",
         "peak vs stock",
         title=f"Where training memory goes: {model_name}, crop {crop:,}, MiB per sample",
         caption=(
-            "front end ... saved total: what the forward pass keeps for backward, per section (fake-tensor count; "
+            f"{names[0]} ... saved total: what the forward pass keeps for backward, per section (fake-tensor count; "
             "a storage kept by two sections counts in the first; a checkpointed part keeps only its inputs, as it "
             "is recomputed in backward). peak/sample: the estimator's live-tensor peak of a whole step, per sample "
             "(micro-batch 2 minus 1); with checkpointing it is reached in backward, where recomputed activations "
@@ -274,9 +262,7 @@ def explain(model_name: str, crop: int, console: Console) -> list[Breakdown]:
             r.precision,
             "lean" if r.lean else "stock",
             r.policy,
-            *(_mib(pm[k]) for k in (FRONT_END, "encoder.0", "encoder.1", "encoder.2")),
-            _mib(sum(pm[f"encoder.{i}"] for i in range(3, n_blocks))),
-            _mib(pm[GRAPH]),
+            *(_mib(pm[k]) for k in names),
             _mib(r.saved_per_sample),
             _mib(r.peak_per_sample),
             f"{100 * (r.peak_per_sample / stock - 1):+.0f}%",

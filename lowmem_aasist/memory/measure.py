@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ..scoring import autocast_ctx
 from ..step import forward_backward
+from .device import autocast_ctx
 
 CLASS_WEIGHTS = (0.1, 0.9)
 """Spoof and bona fide loss weights of the paper's recipe; the probes use them so the loss matches training."""

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
-OPTIMIZERS = ("adam", "adam8bit", "adamw8bit")
+from .plan import OPTIMIZERS
 
 
 class OptimizerError(Exception):

@@ -16,24 +16,36 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 REF_CROP = 64_600
-CROPS = (64_600, 48_000, 32_000, 24_000, 16_000)
-"""Crops tried in order; shorter ones only when micro-batch 1 at the longer one cannot fit."""
+"""The unit of per-sample costs: bytes per utterance of this many samples (the published recipe's crop, ~4 s at
+16 kHz). Costs scale linearly with the crop, so any unit would do; this one keeps the figures readable."""
 
-BN_NOISY_BELOW = 8
-MIN_MICRO_BATCH = 2
-"""AASIST cannot train on one utterance at a time: its graph BatchNorm normalises the master node over the batch,
-and one value per channel has no variance (PyTorch refuses it in training mode)."""
-"""BatchNorm statistics over fewer utterances than this are noisy (a warning, and a throughput-like penalty)."""
+# Relative step time per sample, used only to rank plans that fit (measured on a 2-core CPU, AASIST, crop 64,600,
+# s/sample: fp32 1.19, bf16 0.65). One table per kind: the names the CLI and the config accept are its keys, so
+# nothing can be accepted that the planner cannot rank.
+PRECISION_TIME = {"fp32": 1.0, "bf16": 0.55, "fp16": 0.55}
+PRECISIONS = tuple(PRECISION_TIME)
+"""Training precisions: fp32, bf16 (autocast), fp16 (autocast + GradScaler, CUDA only)."""
+OPTIMIZER_TIME = {"adam": 1.0, "adam8bit": 1.01, "adamw8bit": 1.01}
+OPTIMIZERS = tuple(OPTIMIZER_TIME)
+"""adam (torch, L2 weight decay as the published recipe), adam8bit and adamw8bit (bitsandbytes)."""
 
-# Relative cost of a training step per sample, used only to rank plans that fit (measured on a 2-core CPU, AASIST,
-# crop 64,600, s/sample: fp32 1.19, bf16 0.65, bf16 + checkpoint each block 0.98, + block 0 in segments 1.08).
-PRECISION_COST = {"fp32": 1.0, "bf16": 0.55, "fp16": 0.55}
-# Checkpoint policies, bf16 step time per sample against none (benchmarks/results/cpu/memory_matrix.md, micro-batch 2
-# and 4 summed): encoder 1.52, block0-segments 1.36, block0 1.43, tiled 1.32. Rounded up a little, and tiled
-# charged below block0: on this CPU it measured no slower in bf16 and faster in fp32 (0.99x against block0's 1.89x).
-CHECKPOINT_COST = {"none": 1.0, "gat": 1.02, "encoder": 1.5, "block0-segments": 1.4, "all": 1.45, "block0": 1.45,
-                   "tiled": 1.4}
-OPTIMIZER_COST = {"adam": 1.0, "adam8bit": 1.01}
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """What the model family tells the planner (see ``ModelFamily.limits`` and its policies)."""
+
+    min_micro_batch: int = 1
+    """Fewest utterances per forward pass that train at all."""
+    why_min: str = ""
+    noisy_below: int = 0
+    """Micro-batches below this get noisy normalisation statistics: flagged, and ranked as a cost."""
+    fallback_crops: tuple[int, ...] = ()
+    """Shorter crops to fall back to, longest first, when nothing fits at the recipe's crop."""
+    policy_time: tuple[tuple[str, float], ...] = ()
+    """(checkpoint policy, step time per sample against none), measured; a policy not listed costs 1.0."""
+
+    def time_of(self, policy: str) -> float:
+        return dict(self.policy_time).get(policy, 1.0)
 
 
 class NoPlanError(Exception):
@@ -71,11 +83,19 @@ class Overheads:
     """CUDA: caching-allocator reserve and fragmentation, as a fraction of live tensor bytes."""
 
 
-OverheadsArg = Overheads | Mapping[str, Overheads]
+OverheadsArg = Overheads | Mapping[str, Overheads] | Mapping[tuple[str, str], Overheads]
+"""One device's overheads: the same for every technique, per precision, or per (precision, checkpoint policy)
+(on the CPU, kernel scratch depends on what the policy recomputes and in what pieces)."""
 
 
-def _for_precision(overheads: OverheadsArg, precision: str) -> Overheads:
-    return overheads if isinstance(overheads, Overheads) else overheads[precision]
+def overheads_for(overheads: OverheadsArg, technique: Technique | str) -> Overheads:
+    """The overheads that apply to ``technique`` (or to a precision, given by name)."""
+    if isinstance(overheads, Overheads):
+        return overheads
+    if isinstance(technique, str):
+        return overheads[technique]  # type: ignore[index]
+    per_policy = overheads.get((technique.precision, technique.checkpoint))  # type: ignore[call-overload]
+    return per_policy if per_policy is not None else overheads[technique.precision]  # type: ignore[index]
 
 
 @dataclass(frozen=True)
@@ -102,63 +122,69 @@ class Plan:
         return d
 
 
-def predict_peak(cost: Cost, overheads: OverheadsArg, precision: str, micro_batch: int, crop: int) -> int:
-    o = _for_precision(overheads, precision)
+def predict_peak(cost: Cost, overheads: OverheadsArg, technique: Technique | str, micro_batch: int, crop: int) -> int:
+    """Predicted peak of a step: the device's overheads for ``technique`` (or a precision) plus live tensors."""
+    o = overheads_for(overheads, technique)
     live = cost.peak(micro_batch, crop) * (1.0 + o.slack_fraction)
     return int(o.base_bytes + o.per_sample_bytes * micro_batch * crop / REF_CROP + live)
 
 
-def micro_batches(effective_batch: int) -> list[int]:
-    """Divisors of the effective batch down to MIN_MICRO_BATCH, largest first: accumulation is then a whole number
-    of micro-batches."""
-    return [m for m in range(effective_batch, MIN_MICRO_BATCH - 1, -1) if effective_batch % m == 0]
+def micro_batches(effective_batch: int, smallest: int = 1) -> list[int]:
+    """Divisors of the effective batch down to ``smallest``, largest first: accumulation is then a whole number of
+    micro-batches."""
+    return [m for m in range(effective_batch, smallest - 1, -1) if effective_batch % m == 0]
 
 
-def _relative_cost(t: Technique, micro_batch: int, crop: int) -> float:
-    # Per-sample cost relative to fp32 without checkpointing; small micro-batches pay launch/overhead costs and,
-    # below BN_NOISY_BELOW, noisier BatchNorm statistics, which we treat as a cost too so they win only when needed.
-    batch_factor = 1.0 + 0.5 / micro_batch + (0.5 if micro_batch < BN_NOISY_BELOW else 0.0)
-    crop_factor = 1.0 if crop == REF_CROP else 3.0  # a shorter crop changes the recipe: a last resort
-    return PRECISION_COST[t.precision] * CHECKPOINT_COST[t.checkpoint] * OPTIMIZER_COST[t.optimizer] * batch_factor * crop_factor
+def relative_cost(t: Technique, micro_batch: int, crop: int, recipe_crop: int, limits: ModelLimits) -> float:
+    """Per-sample step time relative to fp32 without checkpointing, for ranking plans that fit. Small micro-batches
+    pay launch overheads and, below ``limits.noisy_below``, noisier normalisation statistics, which count as a cost
+    too so that they win only when needed; a crop shorter than the recipe's changes the recipe: a last resort."""
+    batch_factor = 1.0 + 0.5 / micro_batch + (0.5 if micro_batch < limits.noisy_below else 0.0)
+    crop_factor = 1.0 if crop == recipe_crop else 3.0
+    return (PRECISION_TIME[t.precision] * limits.time_of(t.checkpoint) * OPTIMIZER_TIME[t.optimizer] * batch_factor
+            * crop_factor)
 
 
 def plan_candidates(
     budget_bytes: int,
     costs: Mapping[Technique, Cost],
     overheads: OverheadsArg,
-    effective_batch: int = 24,
-    crop: int = REF_CROP,
+    effective_batch: int,
+    crop: int,
+    limits: ModelLimits,
     margin_fraction: float = 0.03,
     micro_batch: int = 0,
 ) -> list[Plan]:
     """Every (technique, micro-batch, crop) whose predicted peak fits ``budget_bytes`` minus a margin, best first.
 
     Each technique contributes its largest fitting micro-batch (or only ``micro_batch`` when given, which must
-    divide the effective batch). Deterministic: ties are broken by larger micro-batch, then technique name order.
+    divide the effective batch). Crops shorter than ``crop`` (``limits.fallback_crops``) are tried only when
+    nothing fits at ``crop``. Deterministic: ties are broken by larger micro-batch, then technique name order.
     """
+    smallest = limits.min_micro_batch
     if micro_batch and effective_batch % micro_batch:
         raise NoPlanError(f"micro-batch {micro_batch} does not divide the effective batch {effective_batch}")
-    if micro_batch and micro_batch < MIN_MICRO_BATCH:
-        raise NoPlanError(f"micro-batch {micro_batch}: AASIST trains on at least {MIN_MICRO_BATCH} utterances per "
-                          "forward pass (its graph BatchNorm needs more than one)")
-    sizes = [micro_batch] if micro_batch else micro_batches(effective_batch)
+    if micro_batch and micro_batch < smallest:
+        raise NoPlanError(f"micro-batch {micro_batch}: the model trains on at least {smallest} utterances per "
+                          f"forward pass ({limits.why_min})")
+    sizes = [micro_batch] if micro_batch else micro_batches(effective_batch, smallest)
     limit = budget_bytes * (1.0 - margin_fraction)
-    crops = [c for c in CROPS if c <= crop] if crop in CROPS else [crop, *[c for c in CROPS if c < crop]]
+    crops = [crop, *(c for c in limits.fallback_crops if c < crop)]
     plans: list[Plan] = []
     for c in crops:
         for technique, cost in sorted(costs.items(), key=lambda kv: (kv[0].precision, kv[0].checkpoint, kv[0].optimizer)):
             for mb in sizes:
-                peak = predict_peak(cost, overheads, technique.precision, mb, c)
+                peak = predict_peak(cost, overheads, technique, mb, c)
                 if peak > limit:
                     continue
                 notes = []
-                if mb < BN_NOISY_BELOW:
-                    notes.append(f"micro-batch {mb} < {BN_NOISY_BELOW}: BatchNorm statistics are noisy")
+                if mb < limits.noisy_below:
+                    notes.append(f"micro-batch {mb} < {limits.noisy_below}: BatchNorm statistics are noisy")
                 if c != crop:
-                    notes.append(f"CROP SHORTENED to {c} samples: micro-batch {MIN_MICRO_BATCH} at {crop} does not fit the budget")
+                    notes.append(f"CROP SHORTENED to {c} samples: micro-batch {smallest} at {crop} does not fit the budget")
                 plans.append(
                     Plan(mb, effective_batch // mb, c, technique.precision, technique.checkpoint, technique.optimizer,
-                         peak, budget_bytes, round(_relative_cost(technique, mb, c), 4), tuple(notes))
+                         peak, budget_bytes, round(relative_cost(technique, mb, c, crop, limits), 4), tuple(notes))
                 )
                 break  # the largest micro-batch that fits is this technique's best at this crop
         if plans:
@@ -171,17 +197,19 @@ def best_plan(
     budget_bytes: int,
     costs: Mapping[Technique, Cost],
     overheads: OverheadsArg,
-    effective_batch: int = 24,
-    crop: int = REF_CROP,
+    effective_batch: int,
+    crop: int,
+    limits: ModelLimits,
     micro_batch: int = 0,
 ) -> tuple[Plan, list[Plan]]:
     """(chosen plan, all candidates best first); raises NoPlanError naming the smallest budget that would fit."""
-    plans = plan_candidates(budget_bytes, costs, overheads, effective_batch, crop, micro_batch=micro_batch)
+    plans = plan_candidates(budget_bytes, costs, overheads, effective_batch, crop, limits, micro_batch=micro_batch)
     if plans:
         return plans[0], plans
-    mb = micro_batch or MIN_MICRO_BATCH
-    smallest = min(predict_peak(cost, overheads, t.precision, mb, min(CROPS)) for t, cost in costs.items())
+    mb = micro_batch or limits.min_micro_batch
+    shortest = min((crop, *limits.fallback_crops))
+    smallest = min(predict_peak(cost, overheads, t, mb, shortest) for t, cost in costs.items())
     raise NoPlanError(
         f"no plan fits {budget_bytes / 2**20:,.0f} MiB: the smallest configuration needs about "
-        f"{smallest / 2**20:,.0f} MiB (micro-batch {mb}, crop {min(CROPS)})"
+        f"{smallest / 2**20:,.0f} MiB (micro-batch {mb}, crop {shortest})"
     )

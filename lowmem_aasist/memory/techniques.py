@@ -1,14 +1,16 @@
 """Memory and speed techniques, each a small function applied to a model once at setup.
 
-Every technique here is exact: the loss, the gradients and the BatchNorm running statistics of a training step are
-those of the unmodified model (bit-identical in fp32 on CPU, see tests/test_techniques.py); only what autograd keeps
-between forward and backward changes. None of them renames a parameter or buffer, so state dicts stay compatible.
+The machinery here is generic; which modules a policy picks is the model family's business (AASIST's policies are
+in :mod:`lowmem_aasist.models.aasist_memory`). Every technique is exact unless its policy says otherwise: the loss,
+the gradients and the BatchNorm running statistics of a training step are those of the unmodified model
+(bit-identical in fp32 on CPU, see tests/test_techniques.py); only what autograd keeps between forward and backward
+changes. None of them renames a parameter or buffer, so state dicts stay compatible.
 
-* :func:`apply_lean_pooling` swaps each residual block's time pool for :class:`LeanMaxPool`, which keeps a uint8
-  window offset per output element for backward instead of the stock pool's whole input plus int64 indices.
-* :func:`apply_checkpointing` recomputes chosen parts of the forward during backward (:data:`POLICIES`); its
-  ``block0`` policy runs block 0 as one custom autograd Function (:mod:`.block0`).
-* :func:`apply_channels_last` runs the encoder in channels-last layout.
+* :func:`apply_lean_pooling` swaps each time pool by 3 for :class:`LeanMaxPool`, which keeps a uint8 window offset
+  per output element for backward instead of the stock pool's whole input plus int64 indices.
+* :func:`apply_checkpointing` applies a :class:`Policy`: modules recomputed during backward, whole or in segments,
+  after any hand-scheduled autograd Functions the policy installs (:mod:`.block0`, :mod:`.tiled`).
+* :func:`apply_channels_last` runs the convolution trunk in channels-last layout.
 
 They compose in any order on the same model.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,16 +29,22 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from ..model import GraphAttention, GraphPool, HeteroGraphAttention, ResidualBlock
+from ..models import family_of
 
 __all__ = [
-    "POLICIES",
     "LeanMaxPool",
     "LeanMaxPoolTime",
+    "Policy",
     "apply_channels_last",
     "apply_checkpointing",
     "apply_lean_pooling",
 ]
+
+
+# SELU's constants as ATen's selu kernel uses them; its backward is elu_backward on the result with these. Shared by
+# the hand-scheduled Functions (.block0, .tiled), which run SELU's kernels directly.
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -49,7 +58,7 @@ _MIN_CHUNK = 1 << 19
 _MAX_CHUNKS = 16
 
 
-def _is_channels_last(x: Tensor) -> bool:
+def is_channels_last(x: Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -89,7 +98,7 @@ class LeanMaxPoolTime(torch.autograd.Function):
         squeeze = x.dim() == 3  # [C, H, W], as nn.MaxPool2d accepts
         if squeeze:
             x = x.unsqueeze(0)
-        channels_last = _is_channels_last(x)
+        channels_last = is_channels_last(x)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         x = x.contiguous(memory_format=fmt)  # a no-op for conv and add outputs; the stock kernel would copy too
         b, c, h, w = x.shape
@@ -161,16 +170,18 @@ def _is_time_pool_by_3(module: nn.Module) -> bool:
 
 
 def apply_lean_pooling(model: nn.Module) -> list[str]:
-    """Replace every residual block's ``pool`` (``nn.MaxPool2d((1, 3))``) with :class:`LeanMaxPool`.
+    """Replace every ``nn.MaxPool2d((1, 3))`` submodule (the time pools of AASIST's residual blocks) with
+    :class:`LeanMaxPool`, which is exact for exactly that configuration.
 
     Returns the qualified names of the replaced pools (e.g. ``encoder.0.0.pool``); pools have no parameters or
     buffers, so state-dict keys do not change. Applying it twice replaces nothing the second time.
     """
     replaced = []
-    for name, module in model.named_modules():
-        if isinstance(module, ResidualBlock) and _is_time_pool_by_3(module.pool):
-            module.pool = LeanMaxPool()
-            replaced.append(f"{name}.pool" if name else "pool")
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if _is_time_pool_by_3(child):
+                setattr(module, child_name, LeanMaxPool())
+                replaced.append(f"{name}.{child_name}" if name else child_name)
     return replaced
 
 
@@ -255,139 +266,49 @@ def _plain_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return type(module).forward(module, *args, **kwargs)
 
 
-def _conv1_bn(block: ResidualBlock, x: Tensor) -> Tensor:
-    return block.bn2(block.conv1(x))
+@dataclass(frozen=True)
+class Policy:
+    """An activation-checkpointing policy: which modules recompute in backward, and how.
 
-
-def _block_head(block: ResidualBlock, x: Tensor) -> Tensor:
-    # conv1 -> bn2 is checkpointed again inside this segment so that, when this segment is recomputed, conv1's
-    # output (which BatchNorm saves) is not alive during SELU's backward: SELU's backward holds its output, its
-    # output's gradient and its input gradient (3 maps), and BatchNorm's backward later recomputes conv1 (3 maps
-    # again), instead of 4 maps at once. In block 0, conv1 has one input channel, so the extra recompute is cheap.
-    # SELU runs in place, as in ResidualBlock.forward: its backward then uses its output, and gradients must match
-    # the model's bit for bit (tests/test_techniques.py compares them).
-    return F.selu(_checkpointed(block, functools.partial(_conv1_bn, block), x), inplace=True)
-
-
-def _block_tail(block: ResidualBlock, h: Tensor, x: Tensor) -> Tensor:
-    out = block.conv2(h)
-    shortcut = x if block.conv_downsample is None else block.conv_downsample(x)
-    if shortcut.dtype == out.dtype and shortcut.shape == out.shape:
-        # In place: conv2 does not need its output for backward, and it saves holding a third full map while the
-        # sum is formed (same values as out + shortcut; out of place only where dtypes would promote).
-        out += shortcut
-    else:
-        out = out + shortcut
-    del shortcut  # a full map that would otherwise stay alive through the pool
-    return block.pool(out)
-
-
-def _segmented_block(block: ResidualBlock, x: Tensor) -> Tensor:
-    """ResidualBlock.forward in segments: the head (conv1, bn2, selu) checkpointed, then the tail (conv2 + shortcut,
-    pool), checkpointed only when its pool is the stock one.
-
-    Between forward and backward the block keeps its input, the head's output h (one map, which conv2 needs) and,
-    with a :class:`LeanMaxPool`, the pool's uint8 offsets (a sixth of a bf16 map). The tail then needs no recompute:
-    conv2 saves h and the shortcut the block input, both kept anyway, and the in-place add saves nothing. No moment of the backward holds more than three full maps (e.g. conv2's backward: h, its output
-    gradient, its input gradient), where checkpointing the block whole recomputes every saved map of the block at
-    once. A stock pool would keep its whole input plus int64 indices, so then the tail is recomputed instead.
+    A model family lists the policies that apply to it (``ModelFamily.policies``). Applying one
+    (:func:`apply_checkpointing`) first runs ``custom``, which installs hand-scheduled autograd Functions and returns
+    the names of the modules it took over; then each other module that ``recompute`` picks gets an instance-level
+    forward that recomputes it, in the segments ``segmented`` returns a body for, or whole.
     """
-    h = _checkpointed(block, functools.partial(_block_head, block), x)
-    if isinstance(block.pool, LeanMaxPool):
-        return _block_tail(block, h, x)
-    return _checkpointed(block, functools.partial(_block_tail, block), h, x)
+
+    name: str
+    recompute: Callable[[str, nn.Module], bool] = lambda name, module: False
+    """(qualified name, module) -> whether to recompute it during backward. Stateless: same answer every call."""
+    segmented: Callable[[str, nn.Module], Callable[..., Any] | None] = lambda name, module: None
+    """A body ``fn(module, *inputs)`` that checkpoints its own pieces, for modules run in segments; None: whole."""
+    custom: Callable[[nn.Module], list[str]] | None = None
+    """Installs hand-scheduled Functions on some modules; returns their names (skipped by the loop afterwards)."""
+    relative_time: float = 1.0
+    """Step time per sample against no checkpointing, measured; the planner ranks plans by it."""
+    exact: bool = True
+    """Whether a step's loss, gradients and statistics are bit-identical to the unmodified model's."""
 
 
-def _is_graph(name: str, module: nn.Module) -> bool:
-    return isinstance(module, (GraphAttention, HeteroGraphAttention, GraphPool))
+def apply_checkpointing(model: nn.Module, policy: Policy | str) -> list[str]:
+    """Checkpoint the modules of ``model`` that ``policy`` picks; return their names.
 
-
-def _is_block(name: str, module: nn.Module) -> bool:
-    return isinstance(module, ResidualBlock)
-
-
-# Stateless predicates over model.named_modules(): which modules to recompute during backward. The front end is
-# not offered: its filter bank and first max-pool need no gradient, so it saves only ~2 MiB per AASIST sample
-# (first_bn's input) and recomputing it would cost more time than it saves.
-#
-# Live-tensor peak per sample, AASIST, crop 64,600, with lean pooling, CPU (bf16 / fp32 MiB): none 156 / 311,
-# gat 156 / 311 (the graph's activations are freed before the encoder's backward, where the peak is), encoder
-# 166 / 331 (block 0 recomputed whole holds all its maps plus their gradients), block0-segments 98 / 195.
-POLICIES: dict[str, Callable[[str, nn.Module], bool]] = {
-    "none": lambda name, module: False,
-    # The graph half: it keeps ~1 MiB less per sample between forward and backward, but its activations are freed
-    # before the encoder's backward, where the peak is, so the peak does not move. Offered so it can be measured.
-    "gat": _is_graph,
-    # Each residual block recomputed whole: only block inputs are kept between forward and backward.
-    "encoder": _is_block,
-    # Each residual block in segments (see _segmented_block); block 0, with ~59% of the activation memory, is the
-    # one that matters: the lowest peak, and with lean pooling faster than "encoder" (no tail recompute).
-    "block0-segments": _is_block,
-    # block0-segments plus the graph half (the same peak today; kept for plans that name it).
-    "all": lambda name, module: _is_block(name, module) or _is_graph(name, module),
-    # Block 0 as one autograd Function that saves only its input, uint8 pool offsets and BatchNorm's statistics,
-    # and recomputes the rest in backward a few channels or a time chunk at a time (see .block0); blocks 1-5 as in
-    # block0-segments. Bit-identical steps; AASIST, crop 64,600, CPU: 59 / 112 MiB per bf16 / fp32 sample, at about
-    # the speed of block0-segments in bf16.
-    "block0": _is_block,
-    # Blocks 0-2 time-tiled with a two-pass BatchNorm and 2-bit pool offsets (see .tiled), blocks 3-5 as in
-    # block0-segments. The lowest peak of all (AASIST, crop 64,600, CPU: 31.2 / 58.2 MiB per bf16 / fp32 sample), and
-    # on this CPU no slower than block0.
-    "tiled": _is_block,
-}
-
-# For these policies, chosen modules that also match the second predicate run a segmented forward instead. Only
-# block 0 needs it, but segmenting blocks 1-5 too lowers the peak a little more (98 instead of 101 MiB per bf16
-# sample) at the same speed.
-_SEGMENTED: dict[str, Callable[[str, nn.Module], bool]] = {
-    "block0-segments": _is_block,
-    "all": _is_block,
-    "block0": _is_block,
-    "tiled": _is_block,
-}
-
-TILED_TILE, TILED_BLOCKS = 384, (0, 1, 2)
-"""The ``tiled`` policy's tile (frames, a multiple of the pool's 3) and blocks. Measured (AASIST, bf16, crop 64,600):
-blocks 0 and 1 alone leave the peak in block 2's segmented backward; tiling block 2 too moves it to block 1's
-backward. Tiles of 192 frames lower it by under 1 MiB per sample; 1,536 leave 57 MiB per sample."""
-
-
-def _custom_blocks(model: nn.Module, policy: str) -> list[str]:
-    """Blocks that ``policy`` runs through a custom autograd Function instead of recomputation; their names."""
-    if policy == "tiled":
-        from .tiled import apply_tiled  # imported here: tiled builds on this module's forward wrapper
-
-        return apply_tiled(model, tile=TILED_TILE, blocks=TILED_BLOCKS)
-    if policy != "block0":
-        return []
-    from .block0 import apply_block0  # imported here: block0 builds on this module's pooling helpers
-
-    return apply_block0(model)
-
-
-def apply_checkpointing(model: nn.Module, policy: str) -> list[str]:
-    """Checkpoint the modules of ``model`` that ``policy`` (a key of :data:`POLICIES`) picks; return their names.
-
-    Each chosen module gets an instance-level ``forward`` that recomputes it during backward, only while it is in
-    train mode with gradients enabled (eval and ``no_grad`` forwards are plain). Parameters, buffers and state-dict
-    keys are untouched. Losses, gradients, dropout masks and BatchNorm running statistics are exactly those of the
-    unmodified model. Modules inside a chosen one, and modules checkpointed by an earlier call, are skipped;
-    ``"none"`` changes nothing.
+    ``policy`` is a :class:`Policy`, or the name of one of the model family's policies. Each chosen module gets an
+    instance-level ``forward`` that recomputes it during backward, only while it is in train mode with gradients
+    enabled (eval and ``no_grad`` forwards are plain). Parameters, buffers and state-dict keys are untouched.
+    Losses, gradients, dropout masks and BatchNorm running statistics are exactly those of the unmodified model
+    (for the policies marked exact). Modules inside a chosen one, and modules checkpointed by an earlier call, are
+    skipped; ``"none"`` changes nothing.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"unknown checkpointing policy {policy!r}; choose one of: {', '.join(POLICIES)}")
-    choose = POLICIES[policy]
-    segment = _SEGMENTED.get(policy, lambda name, module: False)
-    wrapped: list[str] = _custom_blocks(model, policy)  # their forwards are _CheckpointedForwards: skipped below
+    if isinstance(policy, str):
+        policy = family_of(model).policy(policy)
+    wrapped: list[str] = policy.custom(model) if policy.custom else []  # _CheckpointedForwards: skipped below
     for name, module in model.named_modules():
         if any(p == "" or name.startswith(p + ".") for p in wrapped):
             continue  # inside a module that is already recomputed (whole or in segments)
-        if not choose(name, module) or isinstance(module.__dict__.get("forward"), _CheckpointedForward):
+        if not policy.recompute(name, module) or isinstance(module.__dict__.get("forward"), _CheckpointedForward):
             continue
-        if isinstance(module, ResidualBlock) and segment(name, module):
-            module.forward = _SegmentedForward(module, _segmented_block)
-        else:
-            module.forward = _CheckpointedForward(module, _plain_forward)
+        body = policy.segmented(name, module)
+        module.forward = _SegmentedForward(module, body) if body else _CheckpointedForward(module, _plain_forward)
         wrapped.append(name)
     return wrapped
 
@@ -400,17 +321,29 @@ def _to_channels_last(_module: nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(memory_format=torch.channels_last),)
 
 
-def apply_channels_last(model: nn.Module) -> nn.Module:
-    """Run the 2-D encoder in channels-last layout (measured 1.6-1.8x faster steps on CPU, fp32 and bf16).
+def apply_channels_last(model: nn.Module, module: str | None = None) -> nn.Module:
+    """Run the model's 2-D convolution trunk (``module``, by default its family's ``channels_last_module``: AASIST's
+    encoder) in channels-last layout (measured 1.6-1.8x faster steps on CPU, fp32 and bf16).
 
     The same operations, but different kernels: in fp32 results agree to rounding; in bf16 the different rounding
     can flip GraphPool's top-k choices, so one step's loss and gradient may differ noticeably from the default
     layout's (seen: gradient cosine 0.80 on a tiny AASIST-L batch). Training converges the same (the demo).
 
-    The encoder's weights are converted once and its input on every call, by a forward pre-hook, so the model's
-    own code does not know about layouts.
+    The trunk's weights are converted once and its input on every call, by a forward pre-hook, so the model's own
+    code does not know about layouts.
     """
-    encoder = model.get_submodule("encoder")
-    encoder.to(memory_format=torch.channels_last)
-    encoder.register_forward_pre_hook(_to_channels_last)
+    name = module if module is not None else family_of(model).channels_last_module
+    if name is None:
+        raise ValueError(f"{family_of(model).name} has no 2-D convolution trunk to run in channels-last layout")
+    trunk = model.get_submodule(name)
+    trunk.to(memory_format=torch.channels_last)
+    trunk.register_forward_pre_hook(_to_channels_last)
     return model
+
+
+def __getattr__(name: str) -> Any:  # TEMPORARY: old import path of two test files, removed once they move
+    if name in ("POLICIES", "TILED_TILE", "TILED_BLOCKS"):
+        from ..models import aasist_memory
+
+        return getattr(aasist_memory, name)
+    raise AttributeError(name)

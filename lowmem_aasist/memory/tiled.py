@@ -30,8 +30,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from ..malloc import heap_reuse
-from ..model import ResidualBlock
-from .techniques import _CheckpointedForward
+from ..models.aasist import ResidualBlock
+from .techniques import SELU_ALPHA, SELU_SCALE, _CheckpointedForward
 
 __all__ = ["DEFAULT_TILE", "TiledBlock0Function", "apply_tiled"]
 
@@ -42,10 +42,6 @@ tiles (14 at the reference crop) that the per-call overhead stays small."""
 HEAP_REUSE_BELOW = 512 << 20
 """CPU: tile temporaries below this many bytes come from the heap inside the tile loops (the largest, block 2's
 float32 maps at micro-batch 24, are ~57 MB); the loops' end hands the freed heap back."""
-
-# F.selu's constants: SELU is ELU with these alpha and scale, and its backward is elu_backward on its result.
-_SELU_ALPHA = 1.6732632423543772848170429916717
-_SELU_SCALE = 1.0507009873554804934193349852946
 
 
 def _frames(t: Tensor, lo: int, hi: int, width: int) -> Tensor:
@@ -266,7 +262,7 @@ def _padded_selu(
 
 def _selu_backward(grad: Tensor, result: Tensor) -> Tensor:
     # What in-place F.selu's backward computes: ELU's backward evaluated on the result it kept.
-    return torch.ops.aten.elu_backward(grad, _SELU_ALPHA, _SELU_SCALE, 1.0, True, result)
+    return torch.ops.aten.elu_backward(grad, SELU_ALPHA, SELU_SCALE, 1.0, True, result)
 
 
 def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
