@@ -9,8 +9,10 @@ steps run on the demo corpus. Beside them, in the same sweep, the **baseline**: 
 checkpointing, Adam, micro-batch = batch, no budget). Peaks are what ``fit`` logs: the process's GPU memory as NVML
 counts it on CUDA, whole-process resident memory on CPU. A cap emulates a smaller card's memory, not its speed.
 
-One JSON object per row into ``benchmarks/results/<device>/budget_sweep.jsonl``, plus a markdown table and a PNG
-chart beside it. Prints what it measured, on which device, with the command. Asserts nothing.
+One JSON object per row into ``benchmarks/results/<device>/budget_sweep.jsonl``, written as each row finishes (a
+sweep stopped midway keeps its finished rows), plus a markdown table and a PNG chart beside it. ``--append`` adds to
+the file instead of starting it afresh (``benchmarks/gpu_proof.py`` runs one sweep per row, most important first).
+Prints what it measured, on which device, with the command. Asserts nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -110,7 +113,10 @@ def run_row(model: str, budget: str | None, common: list[str], work: Path, preci
 
 
 def sweep(budgets: list[str], models: list[str], steps: int, batch: int, crop: int, device: str, work: Path,
-          baseline: bool = True, n_train: int = 48, workers: int = 0, fp16: bool = False) -> list[dict]:
+          baseline: bool = True, n_train: int = 48, workers: int = 0, fp16: bool = False,
+          precisions: list[str] | None = None, on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run the rows; ``precisions`` per cap (default: auto, plus fp16 with ``fp16`` on CUDA); ``on_row`` gets each
+    row as soon as it is measured."""
     dev = resolve_device(device)
     facts = device_facts(dev)
     profile = work / "sweep.toml"
@@ -119,21 +125,28 @@ def sweep(budgets: list[str], models: list[str], steps: int, batch: int, crop: i
               "--batch", str(batch), "--crop", str(crop), "--max-steps", str(steps)]
     versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "driver": facts.driver or None,
                 "python": platform.python_version()}
-    rows = []
+    chosen = precisions or (["auto", "fp16"] if fp16 and dev.type == "cuda" else ["auto"])
+    rows: list[dict] = []
+
+    def keep(row: dict) -> None:
+        row = {"device": facts.name, "device_kind": facts.kind, **versions, **row}
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
     for model in models:
         base = run_row(model, None, common, work) if baseline else None
         if base is not None:
-            rows.append({**base, "kind": "baseline"})
-        precisions = ["auto", "fp16"] if fp16 and dev.type == "cuda" else ["auto"]
+            keep({**base, "kind": "baseline"})
         for budget in budgets:
             if facts.kind == "cuda" and (parse_budget(budget) or 0) > facts.total_bytes:
                 continue
-            for precision in precisions:
+            for precision in chosen:
                 row = run_row(model, budget, common, work, precision)
                 row["kind"] = "capped"
                 row["baseline_samples_per_s"] = base.get("samples_per_s") if base else None
-                rows.append(row)
-    return [{"device": facts.name, "device_kind": facts.kind, **versions, **r} for r in rows]
+                keep(row)
+    return rows
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -171,7 +184,9 @@ def markdown(rows: list[dict], command: str) -> str:
         "",
         *table(rows),
     ]
-    lines += ["", f"Command: `{command}`"]
+    # Rows appended by several sweeps (--append) name every command that made them.
+    commands = list(dict.fromkeys(r.get("sweep_command") or command for r in rows))
+    lines += ["", f"Command: `{command}`"] if len(commands) == 1 else ["", "Commands:", *(f"- `{c}`" for c in commands)]
     return "\n".join(lines) + "\n"
 
 
@@ -187,12 +202,19 @@ def chart(rows: list[dict], path: Path) -> bool:
     if not capped:
         return False
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
-    for model in sorted({r["model"] for r in capped}):
-        mine = [r for r in capped if r["model"] == model]
-        ax1.plot([r["budget_bytes"] / MiB for r in mine], [r["measured_peak_bytes"] / MiB for r in mine], "o-", label=model)
-        ax2.plot([r["budget_bytes"] / MiB for r in mine], [r["samples_per_s"] for r in mine], "o-", label=model)
+    # Rows appended by several sweeps (--append) come in any order: one line per model and precision, by budget.
+    groups = sorted({(r["model"], r["precision"]) for r in capped})
+    several = len({precision for _, precision in groups}) > 1
+    drawn = set()
+    for model, precision in groups:
+        mine = sorted((r for r in capped if (r["model"], r["precision"]) == (model, precision)),
+                      key=lambda r: r["budget_bytes"])
+        label = f"{model} {precision}" if several else model
+        ax1.plot([r["budget_bytes"] / MiB for r in mine], [r["measured_peak_bytes"] / MiB for r in mine], "o-", label=label)
+        ax2.plot([r["budget_bytes"] / MiB for r in mine], [r["samples_per_s"] for r in mine], "o-", label=label)
         base = next((r for r in rows if r["model"] == model and r["budget_bytes"] is None and "error" not in r), None)
-        if base and base["samples_per_s"]:
+        if base and base["samples_per_s"] and model not in drawn:
+            drawn.add(model)
             ax2.axhline(base["samples_per_s"], ls="--", lw=1, color=ax2.lines[-1].get_color())
     top = max(r["budget_bytes"] for r in capped) / MiB
     ax1.plot([0, top], [0, top], "k:", lw=1, label="cap")
@@ -215,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--no-baseline", action="store_true")
     p.add_argument("--fp16", action="store_true", help="CUDA: also run each cap with fp16 + GradScaler")
+    p.add_argument("--precisions", nargs="+", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="precisions to run at each cap (default: auto, plus fp16 with --fp16)")
+    p.add_argument("--append", action="store_true",
+                   help="add rows to budget_sweep.jsonl in --out instead of starting it afresh (tables cover all rows)")
     p.add_argument("--n-train", type=int, default=48, help="demo training utterances")
     p.add_argument("--out", help="results folder (default benchmarks/results/<device>)")
     args = p.parse_args(argv)
@@ -223,14 +249,32 @@ def main(argv: list[str] | None = None) -> int:
     facts = device_facts(dev)
     budgets = args.budgets or list(GPU_CAPS if facts.kind == "cuda" else CPU_CAPS)
     command = "python benchmarks/budget_sweep.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
-        rows = sweep(budgets, args.models, args.steps, args.batch, args.crop, args.device, Path(tmp),
-                     baseline=not args.no_baseline, n_train=args.n_train, fp16=args.fp16)
-    rows = [{**r, "sweep_command": command} for r in rows]
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
         device_slug(facts.name) if facts.kind == "cuda" else "cpu")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "budget_sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    jsonl = out / "budget_sweep.jsonl"
+    earlier = ([json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+               if args.append and jsonl.is_file() else [])
+    # A capped row appended without its own baseline (--no-baseline) compares with the model's baseline in the file.
+    baselines = {r["model"]: r.get("samples_per_s") for r in earlier if r.get("kind") == "baseline" and "error" not in r}
+    if not args.append:
+        jsonl.write_text("")
+
+    def write(row: dict) -> None:
+        row["sweep_command"] = command
+        if row.get("kind") == "capped" and row.get("baseline_samples_per_s") is None:
+            row["baseline_samples_per_s"] = baselines.get(row["model"])
+        with open(jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    with tempfile.TemporaryDirectory(prefix="sweep-") as tmp:
+        rows = sweep(budgets, args.models, args.steps, args.batch, args.crop, args.device, Path(tmp),
+                     baseline=not args.no_baseline, n_train=args.n_train, fp16=args.fp16,
+                     precisions=args.precisions, on_row=write)
+    rows = earlier + rows
+    if not rows:
+        print("no rows: every cap given is above the device's memory")
+        return 0
     text = markdown(rows, command)
     (out / "budget_sweep.md").write_text(text)
     chart(rows, out / "budget_sweep.png")

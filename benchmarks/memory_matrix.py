@@ -9,7 +9,10 @@ fp32 recipe's gradient on the same weights, data and dropout masks, and its rela
 model's gradient at the row's own precision (what the policy itself changes: 0 for exact policies, rounding for
 ``tiled``, whose tile order changes the order of additions). The prediction is the planner's memory model
 (fixed + slope, calibrated by the fake-tensor estimator at micro-batch 1 and 2), so rows at other micro-batches
-test its extrapolation. Rows go to ``memory_matrix.jsonl``; a markdown table and a PNG chart are written beside.
+test its extrapolation. On CUDA each row also records the allocator's peaks (``max_memory_allocated``,
+``max_memory_reserved``) and what NVML charges the process after the step (context + the allocator's cache, emptied
+before each row). Rows go to ``memory_matrix.jsonl`` as each is measured (``--append`` adds to the file instead of
+starting it afresh); a markdown table and a PNG chart of every row in the file are written beside.
 Prints what it measured, on which device, with the command. Asserts nothing.
 """
 
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lowmem_aasist.memory.device import device_facts, resolve_device
+from lowmem_aasist.memory.device import device_facts, process_gpu_bytes, resolve_device
 from lowmem_aasist.memory.engine import prepare_model, technique_costs
 from lowmem_aasist.memory.estimate import estimate_step_peak
 from lowmem_aasist.memory.measure import build_step, measure_step
@@ -115,12 +118,19 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--only", nargs="*", help="substring filter on configuration labels")
     p.add_argument("--out", type=Path, required=True, help="folder for memory_matrix.{jsonl,md,png}")
+    p.add_argument("--append", action="store_true",
+                   help="add rows to memory_matrix.jsonl in --out instead of starting it afresh (tables cover all rows)")
     args = p.parse_args()
 
     device = resolve_device(args.device)
     facts = device_facts(device)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    jsonl = args.out / "memory_matrix.jsonl"
+    earlier = ([json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+               if args.append and jsonl.is_file() else [])
+    if not args.append:
+        jsonl.write_text("")
     configs = [r for r in CONFIGS if not args.only or any(s in r.label for s in args.only)]
     grad_crop = min(args.crop, 16_000)
     stock = {p: gradient(args.model, Row(p, "none", lean=False), device, GRAD_BATCH, grad_crop)
@@ -133,6 +143,8 @@ def main() -> None:
         same = stock[row.precision]
         diff = ((g - same).norm() / same.norm()).item()
         for micro in args.micro:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # so NVML after the step sees this row's allocator cache, not an earlier row's
             model = build_model(args.model, row, device)
             optimizer = make_optimizer(row.optimizer, model.parameters(), 1e-4, (0.9, 0.999), 1e-4)
             step = build_step(model, optimizer, micro, args.crop, micro, row.precision, device)
@@ -155,6 +167,8 @@ def main() -> None:
                 "predicted_peak_bytes": int(cost.peak(micro, args.crop)),
                 "rss_peak_bytes": mem.rss_peak_bytes,
                 "cuda_peak_reserved_bytes": mem.cuda_peak_reserved,
+                "cuda_peak_allocated_bytes": mem.cuda_peak_allocated,
+                "nvml_process_bytes": process_gpu_bytes(device),
                 "step_s": round(mem.step_s, 3),
                 "samples_per_s": round(micro / mem.step_s, 3),
                 "grad_cosine_vs_fp32": round(cosine, 6),
@@ -164,9 +178,13 @@ def main() -> None:
             }
             rows.append(result)
             print(json.dumps(result), flush=True)
+            with open(jsonl, "a") as f:  # each row as it is measured: a run stopped midway keeps what it finished
+                f.write(json.dumps(result) + "\n")
             del model, optimizer, step
-    with open(args.out / "memory_matrix.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    rows = earlier + rows
+    if not rows:
+        print("no configuration matches --only", file=sys.stderr)
+        return
     write_markdown(rows, args.out / "memory_matrix.md", command)
     write_chart(rows, args.out / "memory_matrix.png")
 
@@ -188,14 +206,16 @@ def _slopes(rows: list[dict]) -> dict[tuple, float]:
 def write_markdown(rows: list[dict], path: Path, command: str) -> None:
     slopes = _slopes(rows)
     r0 = rows[0]
+    commands = ", ".join(f"`{c}`" for c in dict.fromkeys(r.get("command") or command for r in rows))
     lines = [
-        f"Measured by `{command}` on {r0['device']} ({r0['device_kind']}, {r0['threads']} threads), torch {r0['torch']}, "
+        f"Measured by {commands} on {r0['device']} ({r0['device_kind']}, {r0['threads']} threads), torch {r0['torch']}, "
         f"{r0['model']}, crop {r0['crop']:,}.",
         "",
         "Measured = exact live-tensor peak of one steady-state training step; predicted = the planner's memory model "
         "(fixed + slope from the fake-tensor estimator at micro-batch 1 and 2, crop 64,600, scaled linearly to the row); "
-        "slope = measured MiB per extra sample. Step times on a shared 2-core CPU: compare within one file only. "
-        f"Gradients: one micro-batch of {GRAD_BATCH} at crop {min(r0['crop'], 16_000):,}, same weights, data and "
+        "slope = measured MiB per extra sample. "
+        + ("Step times on a shared 2-core CPU: compare within one file only. " if r0["device_kind"] == "cpu" else "")
+        + f"Gradients: one micro-batch of {GRAD_BATCH} at crop {min(r0['crop'], 16_000):,}, same weights, data and "
         "dropout masks; cosine against the unmodified fp32 recipe, and relative difference (norm of the difference "
         "over the norm) against the unmodified recipe at the row's own precision.",
         "",
