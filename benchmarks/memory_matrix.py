@@ -34,7 +34,7 @@ from lowmem_aasist.memory.estimate import estimate_step_peak
 from lowmem_aasist.memory.measure import build_step, measure_step
 from lowmem_aasist.memory.optim import make_optimizer
 from lowmem_aasist.memory.plan import REF_CROP, Cost, Technique
-from lowmem_aasist.model import AASIST
+from lowmem_aasist.models import build_model
 
 MiB = 2**20
 GRAD_BATCH = 2  # gradients compared on one micro-batch of 2 (the planner's smallest) at crop min(crop, 16,000)
@@ -73,9 +73,9 @@ CONFIGS = [
 ]
 
 
-def build_model(model_name: str, row: Row, device: torch.device) -> torch.nn.Module:
+def row_model(model_name: str, row: Row, device: torch.device) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = AASIST(model_name).to(device).train()
+    model = build_model(model_name).to(device).train()
     if row.lean:
         prepare_model(model, row.checkpoint)
     else:
@@ -102,7 +102,7 @@ def row_cost(model_name: str, row: Row) -> Cost:
 
 def gradient(model_name: str, row: Row, device: torch.device, batch: int, crop: int) -> torch.Tensor:
     """The flattened gradient of one micro-batch at fixed weights, data and dropout masks."""
-    model = build_model(model_name, row, device)
+    model = row_model(model_name, row, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     step = build_step(model, optimizer, batch, crop, batch, row.precision, device)
     torch.manual_seed(1)
@@ -145,7 +145,7 @@ def main() -> None:
         for micro in args.micro:
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # so NVML after the step sees this row's allocator cache, not an earlier row's
-            model = build_model(args.model, row, device)
+            model = row_model(args.model, row, device)
             optimizer = make_optimizer(row.optimizer, model.parameters(), 1e-4, (0.9, 0.999), 1e-4)
             step = build_step(model, optimizer, micro, args.crop, micro, row.precision, device)
             t0 = time.perf_counter()

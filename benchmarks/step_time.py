@@ -20,10 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lowmem_aasist.memory.device import cpu_has_native_bf16, resolve_device
+from lowmem_aasist.memory.device import autocast_ctx, cpu_has_native_bf16, resolve_device
 from lowmem_aasist.memory.techniques import apply_channels_last
-from lowmem_aasist.model import AASIST
-from lowmem_aasist.scoring import autocast_ctx
+from lowmem_aasist.models import build_model
 
 CONFIGS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
 
@@ -31,7 +30,7 @@ CONFIGS = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
 def time_steps(model_name: str, batch: int, crop: int, steps: int, warmup: int, precision: str, channels_last: bool,
                device: torch.device) -> list[float]:
     torch.manual_seed(0)
-    model = AASIST(model_name).to(device).train()
+    model = build_model(model_name).to(device).train()
     if channels_last:
         apply_channels_last(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)

@@ -299,8 +299,3 @@ def config_from_dict(data: dict[str, Any], source: str = "checkpoint") -> Config
         raise ConfigError("; ".join(errors))
     return cfg
 
-
-def __getattr__(name: str) -> Any:  # TEMPORARY: old import path of a test file, removed once it moves
-    if name == "CHECKPOINT_POLICIES":
-        return checkpoint_policies()
-    raise AttributeError(name)

@@ -11,7 +11,7 @@ import torch
 from lowmem_aasist.cli import main
 from lowmem_aasist.data.corpora import read_split
 from lowmem_aasist.data.demo import make_demo_corpus
-from lowmem_aasist.model import AASIST
+from lowmem_aasist.models.aasist import AASIST
 
 
 @pytest.fixture(scope="module")

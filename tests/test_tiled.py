@@ -3,14 +3,17 @@
 Tiling changes the order of floating-point sums, so results are not bit-identical to the stock block. They are
 checked at two levels: one block alone with a fixed output gradient (every tensor within 1e-5 in fp32, 1e-2 under
 bf16 autocast), and a whole AASIST training step. A whole step amplifies rounding chaotically (max-pool near-ties
-and GraphPool's top-k pick other elements), so there the gradients are held to "no further from the exact answer
-than the stock model's own rounding": fp32 against a float64 run, bf16 against fp32.
+and GraphPool's top-k pick other elements), so there results are held to "no further from the exact answer than the
+stock model's own rounding": fp32 against a float64 run; bf16 against fp32, within a multiple of how far stock bf16
+steps rounded three equally valid ways land from it in the same run (so on whichever CPU runs the tests).
 """
 
 from __future__ import annotations
 
 import copy
 import pickle
+from collections.abc import Callable
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -21,14 +24,13 @@ import lowmem_aasist.memory.tiled as tiled_mod
 from lowmem_aasist.memory.engine import prepare_model
 from lowmem_aasist.memory.estimate import estimate_step_peak
 from lowmem_aasist.memory.techniques import (
-    TILED_BLOCKS,
-    TILED_TILE,
     apply_channels_last,
     apply_checkpointing,
     apply_lean_pooling,
 )
 from lowmem_aasist.memory.tiled import DEFAULT_TILE, TiledBlock0Function, _pack, _unpack, apply_tiled
-from lowmem_aasist.model import AASIST, ResidualBlock
+from lowmem_aasist.models.aasist import AASIST, ResidualBlock
+from lowmem_aasist.models.aasist_memory import TILED_BLOCKS, TILED_TILE
 
 CROP = 6000  # front end output: 1,957 frames (W % 3 == 1, so the pool drops a frame)
 WIDTH = (CROP - 128) // 3
@@ -201,40 +203,104 @@ def test_step_fp32_as_accurate_as_stock(base_models, batches, tile, blocks):
     assert rel_norm(tiled, exact) <= 1.5 * stock_error
 
 
+class Step(NamedTuple):
+    """A bf16 step as train_step gives it, plus the encoder's buffers alone (float64, flattened)."""
+
+    loss: Tensor
+    grads: Tensor
+    stats: Tensor
+    encoder_stats: Tensor
+
+
+def bf16_step(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Step:
+    loss, grads, stats = train_step(model, batch, "bf16")
+    encoder_stats = torch.cat([b.double().flatten() for b in model.get_submodule("encoder").buffers()])
+    return Step(loss, grads, stats, encoder_stats)
+
+
+class StockBF16(NamedTuple):
+    """The stock model's fp32 loss and gradients, and its bf16 step rounded three equally valid ways."""
+
+    loss_32: Tensor
+    grads_32: Tensor
+    runs: list[Step]  # the default layout, channels-last, the batch in another order
+
+
+@pytest.fixture(scope="module")
+def stock_bf16(base_models, batches) -> Callable[[str], StockBF16]:
+    measured: dict[str, StockBF16] = {}
+
+    def measure(arch: str) -> StockBF16:  # once per architecture, shared by the tests below
+        if arch not in measured:
+            base, (x, y) = base_models[arch], batches[arch]
+            loss_32, grads_32, _ = train_step(copy.deepcopy(base), (x, y))
+            order = torch.tensor([1, 2, 0])  # the same batch: the same step in exact arithmetic, other sums
+            runs = [
+                bf16_step(copy.deepcopy(base), (x, y)),
+                bf16_step(apply_channels_last(copy.deepcopy(base)), (x, y)),
+                bf16_step(copy.deepcopy(base), (x[order], y[order])),
+            ]
+            measured[arch] = StockBF16(loss_32, grads_32, runs)
+        return measured[arch]
+
+    return measure
+
+
+def assert_within_stock_bf16_noise(step: Step, stock: StockBF16) -> None:
+    """A bf16 step no further off than the stock model's own bf16 rounding takes it, measured in the same run.
+
+    bf16 rounding flips max-pool winners in every block and GraphPool's top-k picks, so a bf16 step lands far and
+    erratically from the fp32 one, and any other rounding (channels-last, the batch in another order, tiling) lands
+    elsewhere in that cloud. How far depends on the CPU, whose bf16 kernels oneDNN picks (with AMX or without):
+    stock bf16 gradients were 35-45% off fp32's in norm on the Intel CI machine (earlier notes), 22% to 280% on an
+    AMD Zen 4 (seeds 0-11, both architectures; losses -20% to +11% off). So each quantity is held to a multiple of
+    the largest deviation among the three stock runs, not to a constant. The multiples: tiled runs (both setups,
+    and channels-last; those seeds, on the Zen 4 as is and with oneDNN limited to AVX512_CORE) reached 1.6x
+    (encoder statistics), 1.5x (all statistics), 3.4x (loss) and 2.0x (gradient); any run of a seed tested against
+    the stock default-layout run and two others, 2.1x, 2.2x, 3.9x and 2.0x (the gradient 6.1x once in 10^4 such
+    draws, a stock run 2.8x off tested against three near ones).
+
+    Inside that cloud a whole step cannot see a gradient 10% off or a missing backward term (the block tests above
+    do); it sees a missing or doubled BatchNorm update, tiles without their halo, and gradients off by far more.
+    """
+    default, *others = stock.runs
+    # Running statistics are forward-only. In the encoder (before GraphPool) another rounding moves them by 3e-5 to
+    # 2.4e-4 relative, so there a wrong BatchNorm or output of a tiled block shows; all buffers: 1e-3 to 6e-3.
+    within("encoder statistics", max_rel(step.encoder_stats, default.encoder_stats),
+           [max_rel(r.encoder_stats, default.encoder_stats) for r in others], 3)
+    within("statistics", max_rel(step.stats, default.stats), [max_rel(r.stats, default.stats) for r in others], 3)
+    within("loss off fp32", abs(step.loss - stock.loss_32).item(),
+           [abs(r.loss - stock.loss_32).item() for r in stock.runs], 5)
+    within("gradient off fp32", rel_norm(step.grads, stock.grads_32),
+           [rel_norm(r.grads, stock.grads_32) for r in stock.runs], 5)
+
+
+def within(what: str, got: float, stock_runs: list[float], multiple: float) -> None:
+    stock_text = ", ".join(f"{v:.3g}" for v in stock_runs)
+    assert got <= multiple * max(stock_runs), f"{what}: {got:.3g}, stock bf16 runs {stock_text}"
+
+
 @pytest.mark.parametrize(("tile", "blocks"), SETUPS)
 @pytest.mark.parametrize("arch", ["AASIST-L", "AASIST"])
-def test_step_bf16_as_accurate_as_stock_bf16(base_models, batches, arch, tile, blocks):
-    base, batch = base_models[arch], batches[arch]
-    loss_a, grads_a, stats_a = train_step(copy.deepcopy(base), batch, "bf16")
-    loss_b, grads_b, stats_b = train_step(tiled_copy(base, tile, blocks), batch, "bf16")
-    loss_32, grads_32, _ = train_step(copy.deepcopy(base), batch)
-    assert max_rel(stats_b, stats_a) <= 1e-2
-    # bf16 rounding flips max-pool winners in every block and GraphPool's top-k picks, which moves a whole step
-    # far and erratically: the stock bf16 gradient is 35-45% off the fp32 one in norm, and any change of rounding
-    # (channels-last, or tiling) lands elsewhere in that cloud. Loss off fp32 on AASIST, batch 3 x 4,000, seeds
-    # 0-3: stock bf16 0.8-6.2%, stock channels-last bf16 1.1-6.6%, tiled blocks 0-2 0.3-8.8%. So the tiled bf16
-    # step is held to: a loss as close to fp32 as the stock's or within 10%, and a gradient pointing where fp32's
-    # does.
-    assert abs(loss_b - loss_32) <= max(1.25 * abs(loss_a - loss_32), 0.10 * loss_32)
-    assert F.cosine_similarity(grads_b, grads_32, dim=0) > 0.8
-    assert F.cosine_similarity(grads_b, grads_a, dim=0) > 0.8
+def test_step_bf16_as_accurate_as_stock_bf16(base_models, batches, stock_bf16, arch, tile, blocks):
+    step = bf16_step(tiled_copy(base_models[arch], tile, blocks), batches[arch])
+    assert_within_stock_bf16_noise(step, stock_bf16(arch))
 
 
 @pytest.mark.parametrize("mode", ["fp32", "bf16"])
-def test_step_channels_last(base_models, batches, mode):
-    # The demo profile trains channels-last: the tiled blocks take and give either layout. Against the tiled model in
-    # the default layout: fp32 agrees to rounding; bf16 rounds differently, so it is held to the bf16 bounds above.
+def test_step_channels_last(base_models, batches, stock_bf16, mode):
+    # The demo profile trains channels-last: the tiled blocks take and give either layout. fp32 agrees to rounding
+    # with the tiled model in the default layout; bf16 rounds differently, so it is held to the stock bf16 noise.
     base, batch = base_models["AASIST"], batches["AASIST"]
-    loss_a, grads_a, stats_a = train_step(tiled_copy(base, 3 * 50, (0, 1, 2)), batch, mode)
     model = tiled_copy(base, 3 * 50, (0, 1, 2))
     apply_channels_last(model)
+    if mode == "bf16":
+        assert_within_stock_bf16_noise(bf16_step(model, batch), stock_bf16("AASIST"))
+        return
+    loss_a, grads_a, stats_a = train_step(tiled_copy(base, 3 * 50, (0, 1, 2)), batch, mode)
     loss_b, grads_b, stats_b = train_step(model, batch, mode)
-    if mode == "fp32":
-        assert max_rel(loss_b, loss_a) <= 1e-5 and max_rel(stats_b, stats_a) <= 1e-5
-        assert rel_norm(grads_b, grads_a) <= 1e-3
-    else:
-        assert max_rel(stats_b, stats_a) <= 1e-2
-        assert F.cosine_similarity(grads_b, grads_a, dim=0) > 0.8
+    assert max_rel(loss_b, loss_a) <= 1e-5 and max_rel(stats_b, stats_a) <= 1e-5
+    assert rel_norm(grads_b, grads_a) <= 1e-3
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -340,10 +340,3 @@ def apply_channels_last(model: nn.Module, module: str | None = None) -> nn.Modul
     trunk.register_forward_pre_hook(_to_channels_last)
     return model
 
-
-def __getattr__(name: str) -> Any:  # TEMPORARY: old import path of two test files, removed once they move
-    if name in ("POLICIES", "TILED_TILE", "TILED_BLOCKS"):
-        from ..models import aasist_memory
-
-        return getattr(aasist_memory, name)
-    raise AttributeError(name)

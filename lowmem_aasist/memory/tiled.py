@@ -113,7 +113,7 @@ def _channel_view(v: Tensor) -> Tensor:
 
 
 class TiledBlock0Function(torch.autograd.Function):
-    """A :class:`~lowmem_aasist.model.ResidualBlock` forward (train-mode BatchNorm) computed in time tiles.
+    """A :class:`~lowmem_aasist.models.aasist.ResidualBlock` forward (train-mode BatchNorm) computed in time tiles.
 
     ``apply(x, w1, b1, gamma, beta, w2, b2, wd, bd, bn, tile, dtype)``: the block's convolution weights and biases
     (``wd``/``bd`` are the shortcut projection's, or None for an identity shortcut), BatchNorm's affine parameters,
