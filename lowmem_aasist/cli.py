@@ -275,9 +275,14 @@ def cmd_probe(args: argparse.Namespace) -> int:
               f"({100 * plan.predicted_peak_bytes / run.budget_bytes:.0f}%)")
     for note in plan.notes:
         out.print(f"[bold yellow]note:[/bold yellow] {note}")
-    for precision, o in run.calibration.overheads.items():
-        out.print(f"overheads ({precision}): {format_bytes(o.base_bytes)} fixed + {format_bytes(int(o.per_sample_bytes))} "
+    from .memory.engine import label
+
+    for key, o in run.calibration.overheads.items():
+        out.print(f"overheads ({label(key)}): {format_bytes(o.base_bytes)} fixed + {format_bytes(int(o.per_sample_bytes))} "
                   f"per sample, {100 * o.slack_fraction:.0f}% allocator slack")
+    if run.calibration.skipped:
+        names = ", ".join(label((t.precision, t.checkpoint)) for t in run.calibration.skipped)
+        out.print(f"not measured: {names} (even at its largest micro-batch it could not beat the plan)")
     out.print(f"  ({run.calibration.note})")
     table = Table("micro x accum", "crop", "precision", "checkpoint", "optimizer", "predicted peak", "relative cost",
                   title="candidates that fit (best first)")
@@ -518,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     from .evaluation import EvalResumeError
     from .interrupt import Interrupted
     from .memory.budget import BudgetError
+    from .memory.calibrate import CalibrationError
     from .memory.device import DeviceError
     from .memory.optim import OptimizerError
     from .memory.plan import NoPlanError
@@ -536,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     except usage_errors as exc:
         _stderr().print(f"error: {exc}")
         return EXIT_USAGE
-    except (WeightsError, ProtocolError, AudioError, TooManyBadFiles, ScoreFileError) as exc:
+    except (WeightsError, ProtocolError, AudioError, TooManyBadFiles, ScoreFileError, CalibrationError) as exc:
         _stderr().print(f"error: {exc}")
         return EXIT_FAILED
     except Interrupted as exc:

@@ -9,7 +9,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.checkpoint import checkpoint
 
-from lowmem_aasist.memory.estimate import _adam8bit_saving, estimate_step_peak, fit_linear
+from lowmem_aasist.memory.estimate import adam8bit_saving, estimate_step_peak, fit_linear
 from lowmem_aasist.memory.measure import (
     LiveTensorTracker,
     build_step,
@@ -181,10 +181,10 @@ def test_estimator_rejects_unknown_optimizer():
         estimate_step_peak("AASIST-L", 2, 8000, 2, "fp32", optimizer="lion")
 
 
-def test_adam8bit_saving_counts_blockwise_state():
+def testadam8bit_saving_counts_blockwise_state():
     small, big = torch.nn.Parameter(torch.empty(100)), torch.nn.Parameter(torch.empty(5000))
     # small keeps float32 state; big: 2 x 4 bytes -> 2 x (1 byte + a float32 absmax per 256 elements, 20 blocks)
-    assert _adam8bit_saving([small, big]) == 2 * 5000 * 4 - 2 * (5000 + 20 * 4)
+    assert adam8bit_saving([small, big]) == 2 * 5000 * 4 - 2 * (5000 + 20 * 4)
 
 
 # --- fit -----------------------------------------------------------------------------------------------------

@@ -1,10 +1,13 @@
-"""The memory engine's glue: candidate techniques for a device, their calibrated costs, the device's overheads,
-and the plan. ``probe`` and ``fit --budget`` both call :func:`plan_run`; the planner itself stays pure.
+"""The memory engine's glue: candidate techniques for a device, their measured costs, the device's overheads, and
+the plan. ``probe`` and ``fit --budget`` both call :func:`plan_run`, ``eval`` calls :func:`plan_inference`; the
+planner itself (:mod:`.plan`) stays pure.
 
-Costs come from the fake-tensor estimator (no real allocation, so probing never runs out of memory) at micro-batch
-1 and 2 of the recipe's crop: fixed part and slope per sample. Device overheads come from one small *real* step on
-the device: what the process holds beyond live tensors (CPU: libraries and kernel scratch in RSS; CUDA: context,
-allocator reserve). Costs are cached per torch version, model and technique, so a second probe is instant.
+CPU (the budget is the process's resident memory): each technique is measured by real steps at two micro-batches
+of the run's crop, each in a fresh process (:mod:`.calibrate`), best case first, until no technique left could
+beat the plan found; the peaks a ``fit`` then observes at its planned micro-batch are added to the measurements.
+CUDA: live-tensor costs from the fake-tensor estimator (no real allocation, so probing never runs out of memory)
+at micro-batch 1 and 2, plus the CUDA context and the allocator's reserve from one small real step. Everything is
+cached per torch version, device, model and technique, so a second probe is instant.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,7 +29,7 @@ from .plan import REF_CROP, Cost, ModelLimits, NoPlanError, Overheads, Plan, Tec
 from .techniques import apply_channels_last, apply_checkpointing, apply_lean_pooling
 
 CACHE_VERSION = 8
-CALIBRATION_MICRO_BATCHES = (2, 4)
+CUDA_CALIBRATION_MICRO_BATCH = 4
 
 
 def prepare_model(model: nn.Module, checkpoint: str, channels_last: bool = False) -> list[str]:
@@ -113,57 +116,40 @@ def technique_costs(
 
 @dataclass(frozen=True)
 class Calibration:
-    overheads: dict[str, Overheads]
-    """Per precision."""
+    overheads: dict
+    """Per precision (CUDA) or per (precision, checkpoint policy) (CPU): what the device holds beyond live tensors."""
     note: str
+    skipped: tuple[Technique, ...] = ()
+    """Techniques not measured because even their best case could not beat a plan already found."""
+    sources: dict = field(default_factory=dict, compare=False, repr=False)
+    """CPU: (precision, policy) -> (cache key, process extra, cache file) of the measurements behind its overheads."""
 
     def to_dict(self) -> dict:
         return {
-            "per_precision": {
-                p: {"base_bytes": o.base_bytes, "per_sample_bytes": round(o.per_sample_bytes), "slack_fraction": o.slack_fraction}
-                for p, o in self.overheads.items()
+            "overheads": {
+                label(key): {"base_bytes": o.base_bytes, "per_sample_bytes": round(o.per_sample_bytes),
+                             "slack_fraction": o.slack_fraction}
+                for key, o in self.overheads.items()
             },
             "how": self.note,
+            "not_measured": [label((t.precision, t.checkpoint)) for t in self.skipped],
         }
 
 
-def _calibration_step(model_name: str, device: torch.device, precision: str, micro_batch: int, crop: int):
-    """The model ``fit`` would build (lean blocks, no checkpointing), its Adam and one training step."""
-    from .measure import build_step
+def label(key: str | tuple[str, ...]) -> str:
+    return key if isinstance(key, str) else " ".join(key)
+
+
+def _real_step_memory(model_name: str, device: torch.device, precision: str, micro_batch: int, crop: int):
+    """One tracked real step of the model ``fit`` would build (lean blocks, no checkpointing) with its Adam."""
+    from .measure import build_step, measure_step
 
     torch.manual_seed(0)
     model = build_model(model_name).to(device)
     prepare_model(model, "none")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    return model, optimizer, build_step(model, optimizer, micro_batch, crop, micro_batch, precision, device)
-
-
-def _real_step_memory(model_name: str, device: torch.device, precision: str, micro_batch: int, crop: int):
-    """One tracked real step (CUDA calibration: allocator reserve against live tensors)."""
-    from .measure import measure_step
-
-    model, optimizer, step = _calibration_step(model_name, device, precision, micro_batch, crop)
+    step = build_step(model, optimizer, micro_batch, crop, micro_batch, precision, device)
     return measure_step(step, model, optimizer, device)
-
-
-def _real_steps_rss(model_name: str, precision: str, micro_batches: tuple[int, ...], crop: int) -> list[int] | None:
-    """Peak resident memory of one plain CPU training step per micro-batch, in that order, after one warm-up step at
-    the first: run as ``fit`` runs it, with no dispatch-mode tracker in the way (the live bytes to subtract come
-    from the estimator, which is exact). Measured at micro-batch 2 then 4, the second step reads the same peak
-    with or without a warm-up of its own (1,207 vs 1,205 MiB, AASIST bf16), so one warm-up serves both. Smaller
-    calibration steps (1 and 2) were faster but read ~40% more excess per sample and planned 3 GiB too timidly."""
-    from .measure import reset_rss_peak, rss_peak
-
-    peaks = []
-    for i, mb in enumerate(micro_batches):
-        _, _, step = _calibration_step(model_name, torch.device("cpu"), precision, mb, crop)
-        if i == 0:
-            step()
-        if not reset_rss_peak():
-            return None
-        step()
-        peaks.append(rss_peak())
-    return peaks
 
 
 def _load_cache(cache: Path) -> dict:
@@ -180,47 +166,139 @@ def _store_cache(cache: Path, stored: dict) -> None:
         pass
 
 
-def calibrate_overheads(
-    facts: DeviceFacts, device: torch.device, model_name: str, precisions: list[str], crop: int, cache: Path | None = None
-) -> Calibration:
-    """Real steps at micro-batch 2 and 4 of the planned crop, per precision: what the process holds beyond live
-    tensors, fixed and per sample. CPU: resident memory with the allocator settings ``fit`` uses (calibrating at a
-    shorter crop than the run's mispredicts: at 32,000 the per-sample overhead came out twice the 64,600 figure);
-    CUDA: context and allocator reserve. Cached per device, torch version, model, precision and crop."""
-    from .enforce import release_freed_memory_promptly
-
-    if device.type == "cpu":
-        release_freed_memory_promptly()  # as fit does: calibrate the process the run will be
+def calibrate_cuda(facts: DeviceFacts, device: torch.device, model_name: str, precisions: list[str], crop: int,
+                   cache: Path | None = None) -> Calibration:
+    """CUDA: the context (from NVML) and the caching allocator's reserve over live tensors, from one real step at
+    micro-batch 4 of the planned crop per precision. Cached per device, torch version, model, precision and crop."""
     cache = cache or _cache_path()
-    lives = technique_costs(model_name, [Technique(p, "none", "adam") for p in precisions], cache=cache)
     stored = _load_cache(cache)
-    scale = REF_CROP / crop
     overheads = {}
     for precision in precisions:
-        key = f"overheads|v{CACHE_VERSION}|torch {torch.__version__}|{facts.kind}|{facts.name}|{model_name}|{precision}|{crop}"
+        key = f"cuda|v{CACHE_VERSION}|torch {torch.__version__}|{facts.name}|{model_name}|{precision}|{crop}"
         if key not in stored:
-            lo, hi = CALIBRATION_MICRO_BATCHES
-            if device.type == "cuda":
-                two = _real_step_memory(model_name, device, precision, hi, crop)
-                slack = max((two.cuda_peak_reserved or two.peak_bytes) / max(two.peak_bytes, 1) - 1.0, 0.05)
-                stored[key] = {"base_bytes": facts.context_bytes, "per_sample_bytes": 0.0, "slack_fraction": slack}
-            else:
-                # Resident memory beyond live tensors: real RSS of plain steps minus the estimator's exact live peak.
-                live = lives[Technique(precision, "none", "adam")]
-                rss = _real_steps_rss(model_name, precision, (lo, hi), crop) or [0, 0]
-                extra1, extra2 = (r - live.peak(mb, crop) for r, mb in zip(rss, (lo, hi), strict=True))
-                per_sample = max(extra2 - extra1, 0) / (hi - lo) * scale
-                base = max(extra1 - lo * per_sample / scale, 0)
-                stored[key] = {"base_bytes": int(base), "per_sample_bytes": per_sample, "slack_fraction": 0.0}
+            step = _real_step_memory(model_name, device, precision, CUDA_CALIBRATION_MICRO_BATCH, crop)
+            slack = max((step.cuda_peak_reserved or step.peak_bytes) / max(step.peak_bytes, 1) - 1.0, 0.05)
+            stored[key] = {"base_bytes": facts.context_bytes, "per_sample_bytes": 0.0, "slack_fraction": slack}
         overheads[precision] = Overheads(**stored[key])
     _store_cache(cache, stored)
-    how = (
-        "CUDA context (NVML) + caching-allocator reserve over live tensors"
-        if device.type == "cuda"
-        else "process RSS beyond live tensors (libraries; kernel scratch per sample)"
-    )
-    lo, hi = CALIBRATION_MICRO_BATCHES
-    return Calibration(overheads, f"{how}, from real steps at micro-batch {lo} and {hi}, crop {crop:,}")
+    return Calibration(overheads, "CUDA context (NVML) + caching-allocator reserve over live tensors, from a real step "
+                                  f"at micro-batch {CUDA_CALIBRATION_MICRO_BATCH}, crop {crop:,}")
+
+
+def _cpu_measured(facts: DeviceFacts, model_name: str, t: Technique, crop: int, channels_last: bool, smallest: int,
+                  stored: dict) -> tuple[str, dict]:
+    """The two measured steps of a technique (torch Adam; 8-bit state is swapped in by arithmetic), cached."""
+    from .calibrate import Job, measure
+
+    key = (f"cpu|v{CACHE_VERSION}|torch {torch.__version__}|{facts.name}|{model_name}|{t.precision}|{t.checkpoint}|"
+           f"cl={channels_last}|{crop}")
+    if key not in stored:
+        jobs = [Job(model_name, t.checkpoint, t.precision, crop, mb, channels_last) for mb in (smallest, 2 * smallest)]
+        stored[key] = {"points": [{"micro_batch": p.job.micro_batch, "rss_start": p.rss_start, "rss_peak": p.rss_peak,
+                                   "live_peak": p.live_peak} for p in measure(jobs)]}
+    return key, stored[key]
+
+
+def _line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares (intercept, slope) through (micro-batch, bytes) points at two or more micro-batches."""
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return my - slope * mx, slope
+
+
+def cpu_cost(measured: dict, t: Technique, model_name: str, crop: int, process_extra: int) -> tuple[Cost, Overheads]:
+    """Live-tensor cost and resident overheads of a technique from its measured steps.
+
+    Live bytes are exactly linear in the micro-batch (the tracker's count at the two calibration steps). What the
+    process holds beyond them is nearly so (measured: within 1% at micro-batch 8 and 12), but each reading carries a
+    few MiB of noise, which the calibration steps' short lever multiplies; so the line is fitted through every
+    point known, the peaks ``fit`` itself observed at its planned micro-batch included (:func:`record_observed`).
+    ``process_extra`` is what the planning process holds beyond a fresh worker's (fit's data, the caller's own
+    state): the run will be this process."""
+    from .estimate import adam8bit_saving
+
+    workers = [p for p in measured["points"] if not p.get("observed")]
+    live_fixed, live_slope = _line([(p["micro_batch"], p["live_peak"]) for p in workers])
+    extra_fixed, extra_slope = _line([(p["micro_batch"], p["rss_peak"] - p["live_peak"]) for p in measured["points"]])
+    extra_slope = max(extra_slope, 0.0)
+    if t.optimizer.endswith("8bit"):
+        with torch.device("meta"):
+            live_fixed -= adam8bit_saving(list(build_model(model_name).parameters()))
+    unit = REF_CROP / crop
+    return Cost(int(live_fixed), live_slope * unit), Overheads(int(extra_fixed + process_extra), extra_slope * unit)
+
+
+def record_observed(run: RunPlan, micro_batch: int, peak_bytes: int | None) -> bool:
+    """Add a fit's observed resident peak at its planned micro-batch to its technique's CPU calibration, so that the
+    next plan of that technique fits a line through three points with a long lever. Keeps the highest peak seen per
+    micro-batch (the safe side). False when there is nothing to record (CUDA, no peak, no measured source)."""
+    p = run.plan
+    source = run.calibration.sources.get((p.precision, p.checkpoint))
+    if not peak_bytes or source is None:
+        return False
+    key, process_extra, cache = source
+    stored = _load_cache(cache)
+    measured = stored.get(key)
+    if measured is None:
+        return False
+    workers = [q for q in measured["points"] if not q.get("observed")]
+    fixed, slope = _line([(q["micro_batch"], q["live_peak"]) for q in workers])
+    point = {"micro_batch": micro_batch, "live_peak": int(fixed + slope * micro_batch),
+             "rss_peak": int(peak_bytes - process_extra), "observed": True}
+    earlier = [q for q in measured["points"] if q.get("observed") and q["micro_batch"] == micro_batch]
+    if earlier and earlier[0]["rss_peak"] >= point["rss_peak"]:
+        return False
+    measured["points"] = [q for q in measured["points"] if q not in earlier] + [point]
+    _store_cache(cache, stored)
+    return True
+
+
+def plan_cpu(
+    facts: DeviceFacts,
+    model_name: str,
+    techniques: list[Technique],
+    budget_bytes: int,
+    effective_batch: int,
+    crop: int,
+    limits: ModelLimits,
+    micro_batch: int = 0,
+    channels_last: bool = False,
+    cache: Path | None = None,
+    on_progress: Callable[[Technique], None] | None = None,
+) -> tuple[Plan, list[Plan], Calibration]:
+    """Measure techniques best case first, and stop as soon as the best remaining one could not beat the plan found
+    (its cost at the largest micro-batch, the cheapest it can be, is no better): a budget that fits the fastest
+    technique never measures the others."""
+    from .measure import rss_now
+    from .plan import plan_candidates, relative_cost
+
+    cache = cache or _cache_path()
+    stored = _load_cache(cache)
+    best_case = {t: relative_cost(t, micro_batch or effective_batch, crop, crop, limits) for t in techniques}
+    costs: dict[Technique, Cost] = {}
+    overheads: dict[tuple[str, str], Overheads] = {}
+    sources: dict[tuple[str, str], tuple[str, int, Path]] = {}
+    skipped: list[Technique] = []
+    plans: list[Plan] = []
+    rss_before = rss_now()
+    for t in sorted(techniques, key=lambda t: (best_case[t], t.checkpoint)):
+        if plans and best_case[t] >= plans[0].relative_cost:
+            skipped.append(t)
+            continue
+        key, measured = _cpu_measured(facts, model_name, t, crop, channels_last, limits.min_micro_batch, stored)
+        _store_cache(cache, stored)
+        process_extra = max(rss_before - min(p["rss_start"] for p in measured["points"] if "rss_start" in p), 0)
+        costs[t], overheads[(t.precision, t.checkpoint)] = cpu_cost(measured, t, model_name, crop, process_extra)
+        sources[(t.precision, t.checkpoint)] = (key, process_extra, cache)
+        if on_progress:
+            on_progress(t)
+        plans = plan_candidates(budget_bytes, costs, overheads, effective_batch, crop, limits, micro_batch=micro_batch)
+    plan, candidates = best_plan(budget_bytes, costs, overheads, effective_batch, crop, limits, micro_batch)
+    lo = limits.min_micro_batch
+    note = (f"process RSS beyond live tensors, per technique, from real steps at micro-batch {lo} and {2 * lo}, crop "
+            f"{crop:,}, each in a fresh process")
+    return plan, candidates, Calibration(overheads, note, tuple(skipped), sources)
 
 
 @dataclass(frozen=True)
@@ -274,11 +352,23 @@ def plan_run(
     facts = device_facts(device)
     budget_bytes, warnings = resolve_budget(budget, facts)
     techniques = candidate_techniques(facts, precision, checkpoint, optimizer, family.auto_policies)
-    costs = technique_costs(model_name, techniques, channels_last, on_progress=on_progress)
-    calibration = calibrate_overheads(facts, device, model_name, sorted({t.precision for t in techniques}), crop)
-    plan, candidates = best_plan(budget_bytes, costs, calibration.overheads, effective_batch, crop,
-                                 model_limits(family), micro_batch)
+    limits = model_limits(family)
+    if device.type == "cpu":
+        plan, candidates, calibration = plan_cpu(facts, model_name, techniques, budget_bytes, effective_batch, crop,
+                                                 limits, micro_batch, channels_last, on_progress=on_progress)
+    else:
+        costs = technique_costs(model_name, techniques, channels_last, on_progress=on_progress)
+        calibration = calibrate_cuda(facts, device, model_name, sorted({t.precision for t in techniques}), crop)
+        plan, candidates = best_plan(budget_bytes, costs, calibration.overheads, effective_batch, crop, limits,
+                                     micro_batch)
     return RunPlan(facts, budget_bytes, tuple(warnings), plan, tuple(candidates), calibration, model_name)
+
+
+def dev_batch_within(run: RunPlan, samples: int, precision: str, wanted: int) -> int:
+    """The largest dev-scoring batch up to ``wanted`` whose no-grad forward fits the run's budget (at least 1):
+    scoring dev between epochs runs under the same cap as training."""
+    cost = inference_cost(run.model, samples, precision, torch.device(run.facts.kind), run.facts.context_bytes)
+    return max(1, min(wanted, cost.largest_batch(run.budget_bytes)))
 
 
 @dataclass(frozen=True)

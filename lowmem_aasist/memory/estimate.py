@@ -43,7 +43,7 @@ def adam8bit_state_bytes(params: list[nn.Parameter]) -> int:
     return total
 
 
-def _adam8bit_saving(params: list[nn.Parameter]) -> int:
+def adam8bit_saving(params: list[nn.Parameter]) -> int:
     """Bytes of torch Adam's state minus bitsandbytes' 8-bit state for the same parameters.
 
     bitsandbytes runs neither on the CPU nor on fake tensors, so the estimator steps torch Adam and swaps the
@@ -117,7 +117,7 @@ def estimate_step_peak(
         per_sample = step.y.element_size() + (step.x.element_size() * crop if device.type == "cpu" else 0)
     peak += (batch - run_batch) * per_sample
     if optimizer.endswith("8bit"):
-        peak -= _adam8bit_saving(params)
+        peak -= adam8bit_saving(params)
     return peak
 
 

@@ -196,14 +196,24 @@ def reset_rss_peak() -> bool:
         return False
 
 
-def rss_peak() -> int | None:
+def _status_kib(field: str) -> int | None:
     try:
         for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024  # reported in kB
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def rss_now() -> int:
+    """Resident memory of this process now (0 where /proc is not there)."""
+    return _status_kib("VmRSS:") or 0
+
+
+def rss_peak() -> int | None:
+    """The kernel's resident high-water mark since the last :func:`reset_rss_peak` (None where unreadable)."""
+    return _status_kib("VmHWM:")
 
 
 def _inputs_of(step: Callable[[], object]) -> tuple[Tensor, ...]:

@@ -31,6 +31,7 @@ from ..data.dataset import Batch
 from ..distributed import join_world, leave_world
 from ..interrupt import Interrupted, StopRequests
 from ..memory.enforce import PeakReader
+from ..memory.engine import record_observed
 from ..memory.plan import NoPlanError
 from ..metrics import eer_percent
 from ..progress import progress_bar
@@ -81,6 +82,8 @@ def fit(
         peak = train(state)
         if world.is_main:
             plot_run(out / "metrics.jsonl", out / "training.png")
+            if state.plan is not None:  # the peak measured at the planned micro-batch refines the next plan
+                record_observed(state.plan, state.micro_batch, peak)
         return _result(state, peak)
     finally:
         leave_world(world)
@@ -241,7 +244,7 @@ def score_dev(s: TrainState, stop: StopRequests) -> float:
     if s.world.is_main:
         with progress_bar(s.console, "dev", len(s.dev_split)) as bar:
             scores = score_split(s.model, s.dev_split, s.device, s.precision, s.cfg.data.eval_samples,
-                                 s.cfg.data.dev_batch, s.cfg.train.workers,
+                                 s.dev_batch, s.cfg.train.workers,
                                  on_batch=functools.partial(_dev_progress, s, stop, bar),
                                  on_problem=functools.partial(s.problems.report, s.dev_split))
         write_score_file(s.out / "scores" / "dev.txt", s.dev_split, scores)

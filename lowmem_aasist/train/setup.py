@@ -29,7 +29,7 @@ from ..data.load import load_split, resampling_note
 from ..distributed import World, wrap_for_ranks
 from ..memory.device import resolve_device, resolve_precision
 from ..memory.enforce import enforce_budget
-from ..memory.engine import RunPlan, plan_run, prepare_model
+from ..memory.engine import RunPlan, dev_batch_within, plan_run, prepare_model
 from ..memory.optim import make_optimizer
 from ..models import ModelFamily, count_parameters, get_family
 from ..storage import atomic_write_json, atomic_write_text
@@ -100,12 +100,13 @@ class Resolved:
     checkpoint: str
     optimizer: str
     workers: int
+    dev_batch: int
     plan: RunPlan | None
 
     def to_dict(self, device: torch.device, world: World) -> dict:
         return {"device": str(device), "precision": self.precision, "micro_batch": self.micro_batch, "crop": self.crop,
                 "checkpoint": self.checkpoint, "optimizer": self.optimizer, "workers": self.workers,
-                "world_size": world.size}
+                "dev_batch": self.dev_batch, "world_size": world.size}
 
 
 def resolve(cfg: Config, family: ModelFamily, device: torch.device, world: World, rank_batch: int) -> Resolved:
@@ -116,11 +117,12 @@ def resolve(cfg: Config, family: ModelFamily, device: torch.device, world: World
         p = run.plan
         # CPU budgets count the whole process: decode in it rather than in extra worker processes.
         workers = 0 if device.type == "cpu" else tc.workers
-        chosen = Resolved(p.precision, p.micro_batch, p.crop, p.checkpoint, p.optimizer, workers, run)
+        dev_batch = dev_batch_within(run, cfg.data.eval_samples, p.precision, cfg.data.dev_batch)
+        chosen = Resolved(p.precision, p.micro_batch, p.crop, p.checkpoint, p.optimizer, workers, dev_batch, run)
     else:
         chosen = Resolved(resolve_precision(tc.precision, device), mc.micro_batch or rank_batch, tc.crop,
                           "none" if mc.checkpoint == "auto" else mc.checkpoint,
-                          "adam" if mc.optimizer == "auto" else mc.optimizer, tc.workers, None)
+                          "adam" if mc.optimizer == "auto" else mc.optimizer, tc.workers, cfg.data.dev_batch, None)
     if rank_batch % chosen.micro_batch:
         raise ConfigError(f"--micro-batch {chosen.micro_batch} must divide the batch {tc.batch}"
                           + (f" per process ({rank_batch})" if world.distributed else ""))
@@ -210,7 +212,7 @@ def setup(
     metrics_path = out / "metrics.jsonl"
     state = TrainState(
         cfg=cfg, out=out, world=world, device=dev, family=family, precision=chosen.precision, crop=chosen.crop,
-        micro_batch=chosen.micro_batch, rank_batch=rank_batch, model=model, net=net, optimizer=optimizer,
+        micro_batch=chosen.micro_batch, rank_batch=rank_batch, dev_batch=chosen.dev_batch, model=model, net=net, optimizer=optimizer,
         scheduler=scheduler, scaler=torch.amp.GradScaler(dev.type, enabled=chosen.precision == "fp16"),
         class_weights=torch.tensor(tc.class_weights, device=dev), train_split=train_split, dev_split=dev_split,
         train_data=train_data, sampler=sampler, loader=loader, schedule=schedule, plan=chosen.plan,

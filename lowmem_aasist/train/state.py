@@ -89,6 +89,8 @@ class TrainState:
     micro_batch: int
     rank_batch: int
     """This process's share of the effective batch (all of it in a world of one)."""
+    dev_batch: int
+    """Utterances per dev-scoring forward (within the budget when one is planned)."""
     model: nn.Module
     net: nn.Module
     """What steps run through: ``model`` itself, or DistributedDataParallel around it under torchrun."""
