@@ -81,9 +81,8 @@ def render() -> str:
             parts += [*_per_sample(folder, _rows(matrix)), ""]
     gpu = any((f / "budget_sweep.jsonl").is_file() for f in RESULTS.iterdir() if f.is_dir() and f.name != "cpu")
     if not gpu:
-        parts += ["No GPU results yet: no NVIDIA GPU has been available to this project. The GPU rows "
-                  "(`python benchmarks/budget_sweep.py --fp16` and `benchmarks/memory_matrix.py` on the card) are the first "
-                  "thing to produce when one is.", ""]
+        parts += ["No GPU results yet: no NVIDIA GPU has been available to this project. `python benchmarks/gpu_proof.py` "
+                  "on any card produces them first (see [docs/benchmarks.md](docs/benchmarks.md)).", ""]
     return "\n".join([BEGIN, "", *parts, END])
 
 

@@ -12,6 +12,7 @@ cached per torch version, device, model and technique, so a second probe is inst
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -30,6 +31,10 @@ from .techniques import apply_channels_last, apply_checkpointing, apply_lean_poo
 
 CACHE_VERSION = 8
 CUDA_CALIBRATION_MICRO_BATCH = 4
+CPU_CALIBRATION_LEVER = 3
+"""CPU calibration steps at micro-batch m and 3m (m: the model's smallest). Repeated readings of one configuration's
+resident peak spread by about 3 MiB; with m and 2m that noise made tiled's small per-sample scratch (8-15 MiB) come
+out anywhere from 3 to 15 MiB, and a plan at micro-batch 24 8-11% off; 3m cuts the slope's noise in half."""
 
 
 def prepare_model(model: nn.Module, checkpoint: str, channels_last: bool = False) -> list[str]:
@@ -46,9 +51,8 @@ def prepare_model(model: nn.Module, checkpoint: str, channels_last: bool = False
 
 def model_limits(family: ModelFamily) -> ModelLimits:
     """What the planner needs to know of a family: its micro-batch limits, fallback crops and policy speeds."""
-    lim = family.limits
-    return ModelLimits(lim.min_micro_batch, lim.why_min, lim.noisy_below, lim.fallback_crops,
-                       tuple((name, p.relative_time) for name, p in family.policies().items()))
+    return dataclasses.replace(family.limits,
+                               policy_time=tuple((name, p.relative_time) for name, p in family.policies().items()))
 
 
 def candidate_techniques(
@@ -193,7 +197,7 @@ def _cpu_measured(facts: DeviceFacts, model_name: str, t: Technique, crop: int, 
     key = (f"cpu|v{CACHE_VERSION}|torch {torch.__version__}|{facts.name}|{model_name}|{t.precision}|{t.checkpoint}|"
            f"cl={channels_last}|{crop}")
     if key not in stored:
-        jobs = [Job(model_name, t.checkpoint, t.precision, crop, mb, channels_last) for mb in (smallest, 2 * smallest)]
+        jobs = [Job(model_name, t.checkpoint, t.precision, crop, mb, channels_last) for mb in (smallest, CPU_CALIBRATION_LEVER * smallest)]
         stored[key] = {"points": [{"micro_batch": p.job.micro_batch, "rss_start": p.rss_start, "rss_peak": p.rss_peak,
                                    "live_peak": p.live_peak} for p in measure(jobs)]}
     return key, stored[key]
@@ -296,7 +300,7 @@ def plan_cpu(
         plans = plan_candidates(budget_bytes, costs, overheads, effective_batch, crop, limits, micro_batch=micro_batch)
     plan, candidates = best_plan(budget_bytes, costs, overheads, effective_batch, crop, limits, micro_batch)
     lo = limits.min_micro_batch
-    note = (f"process RSS beyond live tensors, per technique, from real steps at micro-batch {lo} and {2 * lo}, crop "
+    note = (f"process RSS beyond live tensors, per technique, from real steps at micro-batch {lo} and {CPU_CALIBRATION_LEVER * lo}, crop "
             f"{crop:,}, each in a fresh process")
     return plan, candidates, Calibration(overheads, note, tuple(skipped), sources)
 

@@ -32,7 +32,8 @@ OPTIMIZERS = tuple(OPTIMIZER_TIME)
 
 @dataclass(frozen=True)
 class ModelLimits:
-    """What the model family tells the planner (see ``ModelFamily.limits`` and its policies)."""
+    """What a model family tells the planner and the trainer (``ModelFamily.limits``, with ``policy_time`` from its
+    policies)."""
 
     min_micro_batch: int = 1
     """Fewest utterances per forward pass that train at all."""

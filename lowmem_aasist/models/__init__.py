@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .aasist import FAMILIES as _AASIST_FAMILIES
-from .family import InputSpec, ModelFamily, Section, TrainLimits, WeightsError
+from .family import InputSpec, ModelFamily, Section, WeightsError
 
 __all__ = [
     "FAMILIES",
@@ -21,7 +21,6 @@ __all__ = [
     "Loaded",
     "ModelFamily",
     "Section",
-    "TrainLimits",
     "WeightsError",
     "build_model",
     "count_parameters",

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .family import InputSpec, ModelFamily, Section, TrainLimits
+from ..memory.plan import ModelLimits
+from .family import InputSpec, ModelFamily, Section
 
 
 @dataclass(frozen=True)
@@ -353,7 +354,7 @@ def _family(arch: ArchConfig, profile: str, summary: str) -> ModelFamily:
             min_samples=min_samples(arch),
             full_hop=REFERENCE_SAMPLES // 2,
         ),
-        limits=TrainLimits(
+        limits=ModelLimits(
             # The graph BatchNorm normalises the master node over the batch: one utterance has no variance per
             # channel, and PyTorch refuses it in training mode.
             min_micro_batch=2,

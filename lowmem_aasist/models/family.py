@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from ..memory.plan import ModelLimits
+
 if TYPE_CHECKING:  # the policy type lives with the techniques; importing it here would load them eagerly
     from ..memory.techniques import Policy
 
@@ -40,20 +42,6 @@ class InputSpec:
 
 
 @dataclass(frozen=True)
-class TrainLimits:
-    """What the planner and the trainer must respect when they split a batch."""
-
-    min_micro_batch: int
-    """Fewest utterances per forward pass that train at all."""
-    why_min: str
-    """The reason, shown when a micro-batch below it is asked for."""
-    noisy_below: int
-    """Micro-batches below this train, but with noisy normalisation statistics (ranked as a cost)."""
-    fallback_crops: tuple[int, ...]
-    """Shorter crops the planner may fall back to, longest first, when nothing fits at the recipe's crop."""
-
-
-@dataclass(frozen=True)
 class Section:
     """A part of the forward pass that ``probe --explain`` charges saved activations to: it starts at the forward
     pre-hook (``at="start"``) or the forward hook (``at="end"``) of the module at ``path`` ("" is the model)."""
@@ -74,7 +62,9 @@ class ModelFamily:
     profile: str
     """The family's published recipe, a profile name in profiles/."""
     input: InputSpec
-    limits: TrainLimits
+    limits: ModelLimits
+    """What the planner and the trainer must respect when they split a batch (its ``policy_time`` is filled from
+    the policies by the engine)."""
     policy_names: tuple[str, ...]
     """Activation-checkpointing policies that apply (``--checkpoint``), as data so that listing them is cheap."""
     auto_policies: tuple[str, ...]
