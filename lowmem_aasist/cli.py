@@ -380,17 +380,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lowmem-aasist",
-        description="Train and use AASIST anti-spoofing models within a memory budget.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    from .models import FAMILIES
-
-    models, policies = list(FAMILIES), checkpoint_policies()
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_score(sub: argparse._SubParsersAction, models: list[str]) -> None:
     p = sub.add_parser("score", help="score audio files with a trained model (bona fide logit)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="audio files or folders (any format soundfile reads)")
     p.add_argument("--weights", required=True, help="published weights (AASIST.pth) or a run's checkpoint (best.pt)")
@@ -404,6 +394,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--batch", type=int, default=8, help="clips (or windows) per forward pass (default 8)")
 
+
+def _add_fit(sub: argparse._SubParsersAction, models: list[str], policies: tuple[str, ...]) -> None:
     p = sub.add_parser("fit", help="train on a corpus with train and dev splits (--data) or the built-in demo (--demo)")
     p.add_argument("--data", help="corpus folder: ASVspoof 2019 LA or ASVspoof 5 (the layout is recognised by its files)")
     p.add_argument("--layout", choices=["auto", *LAYOUTS], help="force the corpus layout (default: recognised)")
@@ -439,6 +431,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=["auto", *OPTIMIZERS])
     p.add_argument("--micro-batch", type=int, help="utterances per forward pass; must divide --batch")
 
+
+def _add_demo_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo-data", help="write the synthetic demo corpus (ASVspoof 2019 LA layout) into DIR")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--n-train", type=int, default=800)
@@ -447,6 +441,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="processes generating audio (output is identical for any)")
 
+
+def _add_probe(sub: argparse._SubParsersAction, models: list[str], policies: tuple[str, ...]) -> None:
     p = sub.add_parser("probe", help="read the device, predict peak memory and print a plan that fits the budget")
     p.add_argument("--budget", default="auto",
                    help="memory to plan for: a size like 6GB, 6.5GiB, 6144MB (GB = GiB = 2^30 bytes: a '6 GB' card "
@@ -462,6 +458,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object: device, budget_bytes, plan, candidates")
     p.add_argument("--explain", action="store_true", help="where memory goes, per module, and what each technique saves")
 
+
+def _add_check_data(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check-data", help="count a corpus (per split, per attack, hours) and find bad audio")
     p.add_argument("--data", required=True, help="corpus folder or list file")
     p.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS], help="force the layout (default: recognised)")
@@ -471,6 +469,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding threads for --deep")
     p.add_argument("--json", action="store_true", help="one JSON object: layout, splits, problems")
 
+
+def _add_eval(sub: argparse._SubParsersAction, models: list[str]) -> None:
     p = sub.add_parser("eval", help="score a whole split of a corpus with a model and report EER (resumable)")
     p.add_argument("--data", required=True, help="corpus folder or list file (any layout check-data knows)")
     p.add_argument("--weights", required=True, help="published weights or a run's checkpoint (best.pt)")
@@ -487,10 +487,32 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=-1, help="data-loading processes (default: from the cores)")
     p.add_argument("--asv-scores", help="ASV score file, for min t-DCF")
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="EER, min t-DCF and per-attack EER of a score file (ASVspoof 2019 rules)")
     p.add_argument("--scores", required=True, help="CM score file: 'UTT ATTACK bonafide|spoof SCORE' per line")
     p.add_argument("--asv-scores", help="ASV score file ('SPEAKER target|nontarget|spoof SCORE'), for min t-DCF")
     p.add_argument("--json", action="store_true", help='one JSON object {"eer", "min_tdcf", "per_attack", "counts"}')
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lowmem-aasist",
+        description="Train and use AASIST anti-spoofing models within a memory budget.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    from .models import FAMILIES
+
+    models, policies = list(FAMILIES), checkpoint_policies()
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_score(sub, models)
+    _add_fit(sub, models, policies)
+    _add_demo_data(sub)
+    _add_probe(sub, models, policies)
+    _add_check_data(sub)
+    _add_eval(sub, models)
+    _add_evaluate(sub)
 
     assert set(sub.choices) == set(COMMANDS), "every subcommand needs a handler"
     return parser

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.markup import escape
 
@@ -206,6 +207,50 @@ def _metrics(split: Split, scores: np.ndarray, asv_path: Path | None, console: C
         return None
 
 
+def _resume(partial: Path, sidecar: Path, identity: dict[str, Any], split: Split) -> tuple[np.ndarray, int]:
+    """The scores an interrupted run left (NaN elsewhere) and how many; a fresh sidecar when there are none."""
+    scores = np.full(len(split), np.nan, dtype=np.float64)
+    if not _holds_a_line(partial):
+        # A run stopped before its first batch left no scores to protect, whatever it was run with: start afresh.
+        partial.unlink(missing_ok=True)
+        atomic_write_json(sidecar, identity)  # before the partial, so a partial never exists without it
+        return scores, 0
+    done = _read_partial(partial, sidecar, identity, split)
+    scores[np.fromiter(done.keys(), dtype=np.int64)] = np.fromiter(done.values(), dtype=np.float64)
+    return scores, len(done)
+
+
+class _Problems:
+    """Bad audio met while scoring: one console line each, and the list written beside the score file."""
+
+    def __init__(self, console: Console) -> None:
+        self.console, self.found = console, []
+
+    def report(self, index: int, message: str) -> None:
+        self.found.append((index, message))
+        self.console.print(f"[yellow]skipped[/yellow] {escape(message)}", highlight=False)
+
+    def write(self, path: Path, split: Split) -> Path:
+        if self.found:
+            rows = [{"utt": split.utt[i], "path": split.path[i], "error": m} for i, m in sorted(self.found)]
+            atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        else:
+            path.unlink(missing_ok=True)  # a list from an earlier run would describe files now fine
+        return path
+
+
+def _score_batch(b, todo: np.ndarray, split: Split, scores: np.ndarray, net: torch.nn.Module, dev: torch.device,
+                 precision: str, appender: _Appender, problems: _Problems) -> None:
+    for position, message in b.problems:
+        problems.report(int(todo[position]), message)
+    if len(b.index):
+        where = todo[b.index.numpy()]
+        values = bona_fide_logits(net, b.wave, dev, precision).astype(np.float64)
+        scores[where] = values
+        # repr() round-trips a float exactly, so resumed scores print as the first run's would.
+        appender.write([f"{i}\t{v!r}\t{split.utt[i]}\n" for i, v in zip(where.tolist(), values.tolist(), strict=True)])
+
+
 def run_eval(
     root: str | Path,
     weights: str | Path,
@@ -254,7 +299,6 @@ def run_eval(
     for warning in plan.warnings:
         _warn(console, warning)
     console.print(plan.line, highlight=False)
-    chosen = plan.batch
 
     indexed = load_split(root, split, layout, phase, console)
     sp = indexed.split
@@ -262,18 +306,7 @@ def run_eval(
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     out = Path(out) if out is not None else Path(f"scores-{sp.layout}-{split}.txt")
     partial, sidecar = _partial_paths(out)
-    identity = _identity(weights, sp, split, phase, samples, prec)
-    scores = np.full(len(sp), np.nan, dtype=np.float64)
-    resumed = 0
-    if _holds_a_line(partial):
-        done = _read_partial(partial, sidecar, identity, sp)
-        scores[np.fromiter(done.keys(), dtype=np.int64)] = np.fromiter(done.values(), dtype=np.float64)
-        resumed = len(done)
-    else:
-        # A run stopped before its first batch left no scores to protect, whatever it was run with: start afresh.
-        partial.unlink(missing_ok=True)
-        atomic_write_json(sidecar, identity)  # before the partial, so a partial never exists without it
-
+    scores, resumed = _resume(partial, sidecar, _identity(weights, sp, split, phase, samples, prec), sp)
     console.print(
         f"scoring {len(sp):,} utterances of {sp.layout} {split} with {weights.name} ({family.name}, {dev}, "
         f"{prec}, first {samples:,} samples) into {out}",
@@ -282,36 +315,21 @@ def run_eval(
     if resumed:
         console.print(f"resuming: {resumed:,} of {len(sp):,} already scored in {partial}", highlight=False)
 
-    problems: list[tuple[int, str]] = []
-
-    def report(index: int, message: str) -> None:
-        problems.append((index, message))
-        console.print(f"[yellow]skipped[/yellow] {escape(message)}", highlight=False)
-
+    problems = _Problems(console)
     # Files the index found bad never reach the loader; reported here with the index's reason.
     bad = np.zeros(len(sp), dtype=bool)
     for p in indexed.problems:
         if not np.isfinite(scores[p.index]):
             bad[p.index] = True
-            report(p.index, f"{p.path}: {p.reason}")
+            problems.report(p.index, f"{p.path}: {p.reason}")
     todo = np.flatnonzero(~np.isfinite(scores) & ~bad)
-
     try:
         with _appending(partial) as appender, progress_bar(console, f"scoring {split}", len(todo)) as bar:
-            if len(todo):
-                loader = make_loader(EvalInputs(sp.subset(todo), samples), chosen, workers,
-                                     pin_memory=dev.type == "cuda")
-                for b in loader:
-                    for position, message in b.problems:
-                        report(int(todo[position]), message)
-                    if len(b.index):
-                        where = todo[b.index.numpy()]
-                        values = bona_fide_logits(net, b.wave, dev, prec).astype(np.float64)
-                        scores[where] = values
-                        # repr() round-trips a float exactly, so resumed scores print as the first run's would.
-                        appender.write([f"{i}\t{v!r}\t{sp.utt[i]}\n" for i, v in zip(where.tolist(), values.tolist(),
-                                                                                       strict=True)])
-                    bar.advance(len(b.index) + len(b.problems))
+            loader = make_loader(EvalInputs(sp.subset(todo), samples), plan.batch, workers,
+                                 pin_memory=dev.type == "cuda") if len(todo) else ()
+            for b in loader:
+                _score_batch(b, todo, sp, scores, net, dev, prec, appender, problems)
+                bar.advance(len(b.index) + len(b.problems))
     except KeyboardInterrupt:
         kept = int(np.isfinite(scores).sum())
         console.print(f"interrupted: {kept:,} scores kept in {partial}; run the same command again to resume",
@@ -319,12 +337,7 @@ def run_eval(
         raise
 
     scored = write_score_file(out, sp, scores)
-    problems_path = out.with_name(out.name + ".problems.jsonl")
-    if problems:
-        rows = [{"utt": sp.utt[i], "path": sp.path[i], "error": m} for i, m in sorted(problems)]
-        atomic_write_text(problems_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-    else:
-        problems_path.unlink(missing_ok=True)  # a list from an earlier run would describe files now fine
+    problems_path = problems.write(out.with_name(out.name + ".problems.jsonl"), sp)
     partial.unlink(missing_ok=True)
     sidecar.unlink(missing_ok=True)
 
@@ -333,4 +346,4 @@ def run_eval(
     skipped = len(sp) - scored
     tail = f", {skipped:,} skipped (listed in {problems_path})" if skipped else ""
     console.print(f"wrote {out}: {scored:,} scores{tail} in {seconds:.1f} s", highlight=False)
-    return EvalResult(out, scored, skipped, resumed, chosen, metrics, seconds)
+    return EvalResult(out, scored, skipped, resumed, plan.batch, metrics, seconds)

@@ -26,6 +26,7 @@ from ..data.corpora import has_training_splits, resolve_layout
 from ..data.dataset import EpochSampler, TrainCrops, make_loader
 from ..data.index import IndexResult, check_max_bad
 from ..data.load import load_split, resampling_note
+from ..data.split import Split
 from ..distributed import World, wrap_for_ranks
 from ..memory.device import resolve_device, resolve_precision
 from ..memory.enforce import enforce_budget
@@ -156,6 +157,22 @@ def _write_run_files(cfg: Config, out: Path, chosen: Resolved, device: torch.dev
     return record
 
 
+def _training_data(cfg: Config, split: Split, chosen: Resolved, world: World, device: torch.device):
+    """Streaming crops, this rank's sampler and loader, and the step schedule of the whole recipe."""
+    tc = cfg.train
+    train_data = TrainCrops(split, chosen.crop, tc.seed)
+    sampler = EpochSampler(train_data.readable, tc.seed, tc.batch, world.rank, world.size)
+    loader = make_loader(train_data, tc.batch // world.size, chosen.workers, sampler, device.type == "cuda")
+    # Whole batches only, as the reference recipe: a last batch of one utterance could not train at all.
+    steps_per_epoch = len(train_data.readable) // tc.batch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"--batch {tc.batch} is larger than the {len(train_data.readable)} readable training utterances")
+    # The schedule spans the whole recipe; --max-steps only stops early, so a run stopped by it and resumed is the
+    # run that was never stopped.
+    total = tc.epochs * steps_per_epoch
+    return train_data, sampler, loader, Schedule(steps_per_epoch, total, min(tc.max_steps, total) if tc.max_steps else total)
+
+
 def setup(
     cfg: Config,
     out: Path,
@@ -196,17 +213,8 @@ def setup(
         torch.manual_seed(tc.seed + RANK_SEED_STRIDE * world.rank)  # own dropout masks; weights came from rank 0
     optimizer = make_optimizer(chosen.optimizer, model.parameters(), tc.lr, tc.betas, tc.weight_decay)
 
-    train_data = TrainCrops(train_split, chosen.crop, tc.seed)
-    sampler = EpochSampler(train_data.readable, tc.seed, tc.batch, world.rank, world.size)
-    loader = make_loader(train_data, rank_batch, chosen.workers, sampler, dev.type == "cuda")
-    # Whole batches only, as the reference recipe: a last batch of one utterance could not train at all.
-    steps_per_epoch = len(train_data.readable) // tc.batch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"--batch {tc.batch} is larger than the {len(train_data.readable)} readable training utterances")
-    # The schedule spans the whole recipe; --max-steps only stops early, so a run stopped by it and resumed is the
-    # run that was never stopped.
-    total = tc.epochs * steps_per_epoch
-    schedule = Schedule(steps_per_epoch, total, min(tc.max_steps, total) if tc.max_steps else total)
+    train_data, sampler, loader, schedule = _training_data(cfg, train_split, chosen, world, dev)
+    total = schedule.total_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, total, tc.lr, tc.min_lr) / tc.lr)
 
     metrics_path = out / "metrics.jsonl"
