@@ -134,4 +134,5 @@ def test_published_weights_through_the_cli(shared_dir, capsys):
         got = {r["path"].split("reference/")[-1]: r["score"] for r in rows}
         for ref in rows_ref:
             if ref["model"] == name:
-                assert abs(got[ref["file"]] - ref["score"]) < 1e-3
+                # 3.0e-6 measured: the model is 2.6e-6 off, and both sides round to 6 decimals.
+                assert abs(got[ref["file"]] - ref["score"]) < 1e-5, (name, ref, got[ref["file"]])
