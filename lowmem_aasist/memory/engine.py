@@ -26,7 +26,7 @@ from ..models import ModelFamily, build_model, family_of, get_family
 from ..storage import atomic_write_json
 from .device import DeviceFacts
 from .inference import InferenceCost, inference_cost
-from .plan import REF_CROP, Cost, ModelLimits, NoPlanError, Overheads, Plan, Technique, best_plan
+from .plan import CPU_MARGIN, REF_CROP, Cost, ModelLimits, NoPlanError, Overheads, Plan, Technique, best_plan
 from .techniques import apply_channels_last, apply_checkpointing, apply_lean_pooling
 
 CACHE_VERSION = 8
@@ -297,8 +297,8 @@ def plan_cpu(
         sources[(t.precision, t.checkpoint)] = (key, process_extra, cache)
         if on_progress:
             on_progress(t)
-        plans = plan_candidates(budget_bytes, costs, overheads, effective_batch, crop, limits, micro_batch=micro_batch)
-    plan, candidates = best_plan(budget_bytes, costs, overheads, effective_batch, crop, limits, micro_batch)
+        plans = plan_candidates(budget_bytes, costs, overheads, effective_batch, crop, limits, CPU_MARGIN, micro_batch)
+    plan, candidates = best_plan(budget_bytes, costs, overheads, effective_batch, crop, limits, micro_batch, CPU_MARGIN)
     lo = limits.min_micro_batch
     note = (f"process RSS beyond live tensors, per technique, from real steps at micro-batch {lo} and {CPU_CALIBRATION_LEVER * lo}, crop "
             f"{crop:,}, each in a fresh process")

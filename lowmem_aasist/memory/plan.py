@@ -29,6 +29,15 @@ OPTIMIZER_TIME = {"adam": 1.0, "adam8bit": 1.01, "adamw8bit": 1.01}
 OPTIMIZERS = tuple(OPTIMIZER_TIME)
 """adam (torch, L2 weight decay as the published recipe), adam8bit and adamw8bit (bitsandbytes)."""
 
+CUDA_MARGIN = 0.03
+"""Share of the budget a CUDA plan leaves unused: live tensors are counted exactly and the allocator's reserve is
+calibrated, so this covers fragmentation that one calibration step did not show."""
+CPU_MARGIN = 0.05
+"""Share of the budget a CPU plan leaves unused. Resident memory is a noisy reading: the same calibration step in
+fresh processes peaked 8 MiB (micro-batch 2) and 16 MiB (micro-batch 6) apart, which the line's extrapolation to
+micro-batch 24 turns into about +-4% (AASIST-L, tiled, bf16, 64,600; docs/memory.md). A CPU prediction is an estimate
+within that band, not an upper bound, and the margin is what keeps the measured peak under the budget."""
+
 
 @dataclass(frozen=True)
 class ModelLimits:
@@ -153,7 +162,7 @@ def plan_candidates(
     effective_batch: int,
     crop: int,
     limits: ModelLimits,
-    margin_fraction: float = 0.03,
+    margin_fraction: float = CUDA_MARGIN,
     micro_batch: int = 0,
 ) -> list[Plan]:
     """Every (technique, micro-batch, crop) whose predicted peak fits ``budget_bytes`` minus a margin, best first.
@@ -202,9 +211,10 @@ def best_plan(
     crop: int,
     limits: ModelLimits,
     micro_batch: int = 0,
+    margin_fraction: float = CUDA_MARGIN,
 ) -> tuple[Plan, list[Plan]]:
     """(chosen plan, all candidates best first); raises NoPlanError naming the smallest budget that would fit."""
-    plans = plan_candidates(budget_bytes, costs, overheads, effective_batch, crop, limits, micro_batch=micro_batch)
+    plans = plan_candidates(budget_bytes, costs, overheads, effective_batch, crop, limits, margin_fraction, micro_batch)
     if plans:
         return plans[0], plans
     mb = micro_batch or limits.min_micro_batch
@@ -212,5 +222,6 @@ def best_plan(
     smallest = min(predict_peak(cost, overheads, t, mb, shortest) for t, cost in costs.items())
     raise NoPlanError(
         f"no plan fits {budget_bytes / 2**20:,.0f} MiB: the smallest configuration needs about "
-        f"{smallest / 2**20:,.0f} MiB (micro-batch {mb}, crop {shortest})"
+        f"{smallest / 2**20:,.0f} MiB (micro-batch {mb}, crop {shortest}), so a budget of about "
+        f"{smallest / (1 - margin_fraction) / 2**20:,.0f} MiB with the {margin_fraction:.0%} margin"
     )
