@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -13,11 +14,14 @@ import torch
 from lowmem_aasist.checkpoint import ResumeError
 from lowmem_aasist.cli import main
 from lowmem_aasist.config import PROFILES_DIR, load_config
+from lowmem_aasist.data.dataset import EpochSampler
 from lowmem_aasist.data.demo import make_demo_corpus
 from lowmem_aasist.interrupt import Interrupted
 from lowmem_aasist.memory.plan import NoPlanError
+from lowmem_aasist.models.aasist import AASIST
 from lowmem_aasist.train import RunFolderError, fit, smaller_micro_batch
 from lowmem_aasist.train import loop as train_module
+from lowmem_aasist.train import state as state_module
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +64,34 @@ def test_stopped_after_k_steps_and_resumed_is_bit_identical(corpus, reference, t
     assert _max_difference(_weights(out), _weights(reference)) == 0.0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert steps == list(range(1, 9))  # each step logged once, none lost or repeated
+
+
+@pytest.mark.parametrize("lost", ["random state", "data position"])
+def test_a_resume_that_loses_the_random_state_or_the_data_position_differs(corpus, reference, tmp_path, monkeypatch,
+                                                                          lost):
+    # The control for the bit-identity above: it is evidence only if resumes that get one thing wrong differ.
+    # Dropout is what draws from the random state the checkpoint restores; the batch order and the crops are
+    # functions of (seed, epoch, position in the epoch), so they hang on the data position instead.
+    out = tmp_path / "run"
+    fit(_cfg(corpus, max_steps=1), out)
+    if lost == "random state":
+        monkeypatch.setattr(state_module, "set_rng_state", lambda saved: None)
+    else:
+        real_set_epoch = EpochSampler.set_epoch
+        monkeypatch.setattr(EpochSampler, "set_epoch", lambda self, epoch, skip=0: real_set_epoch(self, epoch))
+    real = train_module.forward_backward
+    drew = []
+
+    def watching(*args, **kwargs):
+        before = torch.get_rng_state()
+        loss = real(*args, **kwargs)
+        drew.append(not torch.equal(before, torch.get_rng_state()))
+        return loss
+
+    monkeypatch.setattr(train_module, "forward_backward", watching)
+    fit(_cfg(corpus, max_steps=0), out, resume=True)
+    assert drew == [True] * 7  # every resumed step drew dropout masks
+    assert _max_difference(_weights(out), _weights(reference)) > 0.0
 
 
 def test_refuses_a_used_folder_without_resume_and_a_changed_recipe_with_it(corpus, reference, tmp_path):
@@ -111,29 +143,57 @@ def test_a_crash_between_write_and_rename_leaves_the_previous_checkpoint(corpus,
     assert fit(_cfg(corpus, max_steps=3), out, resume=True).steps == 3  # and the run goes on from it
 
 
-def test_out_of_memory_halves_the_micro_batch_and_redoes_the_step(corpus, tmp_path, monkeypatch):
-    real = train_module.forward_backward
+def _oom_above_two(real):
+    """forward_backward on a card where micro-batches above 2 run out of memory part-way through the forward, as a
+    real out-of-memory error does: dropout masks drawn and BatchNorm's running statistics updated before it."""
 
     def small_card(model, x, y, weights, micro_batch, *rest, **kwargs):
         if micro_batch > 2:
+            model(x[:micro_batch])
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(model, x, y, weights, micro_batch, *rest, **kwargs)
 
-    monkeypatch.setattr(train_module, "forward_backward", small_card)
-    out = tmp_path / "run"
+    return small_card
+
+
+@pytest.fixture(scope="module")
+def backed_off(corpus, tmp_path_factory):
+    """(a run planned at micro-batch 4 that runs out of memory and backs off to 2, a run planned at 2), on the CPU
+    where kernels are deterministic."""
+    real = train_module.forward_backward
+    out = tmp_path_factory.mktemp("oom") / "run"
     base = _cfg(corpus, max_steps=3)
-    cfg = dataclasses.replace(base, memory=dataclasses.replace(base.memory, micro_batch=4))
-    result = fit(cfg, out)
-    assert result.steps == 3
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train_module, "forward_backward", _oom_above_two(real))
+        planned_at_4 = dataclasses.replace(base, memory=dataclasses.replace(base.memory, micro_batch=4))
+        assert fit(planned_at_4, out, device="cpu").steps == 3
+    direct = tmp_path_factory.mktemp("direct") / "run"
+    fit(base, direct, device="cpu")
+    load = functools.partial(torch.load, map_location="cpu", weights_only=True)
+    return out, load(out / "checkpoints" / "last.pt"), load(direct / "checkpoints" / "last.pt")
+
+
+def test_out_of_memory_halves_the_micro_batch_and_redoes_the_step(corpus, backed_off, tmp_path, monkeypatch):
+    out, after_oom, direct = backed_off
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     events = [r for r in lines if r.get("event") == "oom_backoff"]
     assert events == [{"event": "oom_backoff", "step": 1, "micro_batch": 2, "grad_accum": 2, "previous_micro_batch": 4}]
     assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3]  # the failed step was redone, not lost
+    # Redone from the same data and random state: the training is that of a run planned at micro-batch 2.
+    params = {n for n, _ in AASIST("AASIST-L").named_parameters()}
+    assert _max_difference({k: after_oom["model"][k] for k in params}, {k: direct["model"][k] for k in params}) == 0.0
+    for a, b in zip(after_oom["optimizer"]["state"].values(), direct["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
 
     monkeypatch.setattr(train_module, "forward_backward", lambda *a, **k: (_ for _ in ()).throw(
         torch.OutOfMemoryError("injected")))
     with pytest.raises(NoPlanError, match="out of memory at micro-batch 2 x crop 3,000, the smallest that trains"):
         fit(_cfg(corpus, max_steps=1), tmp_path / "hopeless")
+
+
+def test_out_of_memory_leaves_no_trace_in_the_running_statistics(backed_off):
+    _, after_oom, direct = backed_off
+    assert _max_difference(after_oom["model"], direct["model"]) == 0.0
 
 
 def test_smaller_micro_batch_keeps_dividing_the_batch():

@@ -158,6 +158,8 @@ def train_step(s: TrainState, batch: Batch) -> torch.Tensor:
     is kept) and the step redone from the same data and random state, as if it had never failed.
     """
     rng = rng_state()
+    # A failed forward has already moved BatchNorm's running statistics: the retry must start from the same ones.
+    buffers = [b.detach().clone() for b in s.model.buffers()]
     while True:
         s.optimizer.zero_grad(set_to_none=True)
         try:
@@ -171,6 +173,9 @@ def train_step(s: TrainState, batch: Batch) -> torch.Tensor:
         s.optimizer.zero_grad(set_to_none=True)
         back_off(s)
         set_rng_state(rng)  # the retry draws the same dropout masks as a step that never failed
+        with torch.no_grad():
+            for live, saved in zip(s.model.buffers(), buffers, strict=True):
+                live.copy_(saved)
     s.scaler.step(s.optimizer)
     s.scaler.update()
     s.scheduler.step()
