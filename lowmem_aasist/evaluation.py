@@ -40,7 +40,7 @@ from .memory.engine import plan_inference
 from .metrics import CmScores, evaluate, read_asv_scores
 from .models import load
 from .progress import progress_bar
-from .scoring import bona_fide_logits, write_score_file
+from .scoring import as_written, bona_fide_logits, write_score_file
 from .storage import atomic_write_json, atomic_write_text
 
 PARTIAL_VERSION = 1
@@ -341,7 +341,7 @@ def run_eval(
     partial.unlink(missing_ok=True)
     sidecar.unlink(missing_ok=True)
 
-    metrics = _metrics(sp, scores, asv_path, console)
+    metrics = _metrics(sp, as_written(scores), asv_path, console)
     seconds = time.perf_counter() - t0
     skipped = len(sp) - scored
     tail = f", {skipped:,} skipped (listed in {problems_path})" if skipped else ""

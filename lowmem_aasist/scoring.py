@@ -58,11 +58,22 @@ def score_split(
     return scores
 
 
+SCORE_DECIMALS = 6
+"""Decimals of a score in a score file, as the reference score files have them."""
+
+
+def as_written(scores: np.ndarray) -> np.ndarray:
+    """``scores`` as a score file holds them, so that metrics reported beside a file are the file's metrics
+    (rounding can tie two utterances, and a threshold is one of the scores)."""
+    return np.array([float(f"{s:.{SCORE_DECIMALS}f}") if np.isfinite(s) else s for s in scores], dtype=np.float64)
+
+
 def write_score_file(path: str | Path, split: Split, scores: np.ndarray) -> int:
     """Write ``utt attack key score`` lines (the reference CM score format); unscored utterances are left out."""
     keys = np.where(split.label == 1, "bonafide", np.where(split.label == 0, "spoof", "-"))  # "-": no key
     lines = [
-        f"{u} {a} {k} {s:.6f}" for u, a, k, s in zip(split.utt, split.attack, keys, scores, strict=True) if np.isfinite(s)
+        f"{u} {a} {k} {s:.{SCORE_DECIMALS}f}"
+        for u, a, k, s in zip(split.utt, split.attack, keys, scores, strict=True) if np.isfinite(s)
     ]
     atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
     return len(lines)

@@ -1,6 +1,8 @@
 """``run_eval``: whole-split scoring with a budget-chosen batch, bad audio, resume after an interruption, keys.
 
 Short inputs (4,000 samples) keep AASIST-L on the CPU fast; the input length does not change any of the logic.
+Scores are held to the model's own output on the documented input (the first samples, short clips tiled), read
+and tiled here with soundfile and NumPy rather than with the package's audio code.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 from rich.console import Console
+from torch.profiler import ProfilerActivity, profile
 
 import lowmem_aasist.data.dataset as dataset
 import lowmem_aasist.evaluation as evaluation
@@ -21,12 +25,17 @@ from lowmem_aasist.audio import AudioError
 from lowmem_aasist.data.demo import make_demo_corpus
 from lowmem_aasist.evaluation import EvalResumeError, run_eval
 from lowmem_aasist.memory.plan import NoPlanError
-from lowmem_aasist.metrics import read_cm_scores
+from lowmem_aasist.metrics import evaluate, read_asv_scores, read_cm_scores
 from lowmem_aasist.models.aasist import AASIST
 
 SAMPLES = 4_000
 N_EVAL = 12
 FAST = {"samples": SAMPLES, "precision": "fp32", "device": "cpu", "workers": 0}
+SHORTENED = {4: 1_500, 9: SAMPLES - 1}
+"""Eval utterances (protocol line: samples kept) cut below the input length, so the tiling rule is exercised: one
+repeated almost three times, one a sample short."""
+SCORE_TOLERANCE = 1e-5
+"""The file prints 6 decimals (5e-7); the rest is float32 kernel noise between batch sizes."""
 
 
 def _protocol(root: Path) -> list[list[str]]:
@@ -36,12 +45,63 @@ def _protocol(root: Path) -> list[list[str]]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    return make_demo_corpus(tmp_path_factory.mktemp("data") / "la", n_train=2, n_dev=2, n_eval=N_EVAL, seed=1, workers=1)
+    root = make_demo_corpus(tmp_path_factory.mktemp("data") / "la", n_train=2, n_dev=2, n_eval=N_EVAL, seed=1,
+                            workers=1)
+    # Every demo clip is longer than the input; without short ones a wrong tiling rule could not show.
+    protocol = _protocol(root)
+    for line, keep in SHORTENED.items():
+        path = _flac(root, protocol[line][1])
+        x, rate = sf.read(path, dtype="float32")
+        assert len(x) > SAMPLES
+        sf.write(path, x[:keep], rate, subtype="PCM_16")
+    return root
+
+
+def _flac(root: Path, utt: str) -> Path:
+    return root / "ASVspoof2019_LA_eval" / "flac" / f"{utt}.flac"
+
+
+def _reference_input(path: Path, samples: int) -> np.ndarray:
+    """The published evaluation input: the clip's first ``samples`` samples, a shorter one repeated end to end."""
+    x, rate = sf.read(path, dtype="float32")
+    assert rate == 16_000 and x.ndim == 1
+    return np.tile(x, -(-samples // len(x)))[:samples]
+
+
+@torch.no_grad()
+def _model_scores(weights: Path, paths: list[Path]) -> np.ndarray:
+    """The bona fide logit (class 1) of each clip's reference input, one utterance per forward."""
+    model = AASIST("AASIST-L")
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.eval()
+    return np.array([model(torch.from_numpy(_reference_input(p, SAMPLES))[None])[0, 1].item() for p in paths])
+
+
+def _score_lines(path: Path) -> tuple[list[list[str]], np.ndarray]:
+    lines = [line.split() for line in path.read_text().splitlines()]
+    return [f[:3] for f in lines], np.array([float(f[3]) for f in lines])
+
+
+def _metrics_of_the_file(result, asv: Path | None = None) -> None:
+    """The metrics reported are those of the score file written: evaluate() over read_cm_scores() of it."""
+    expected = evaluate(read_cm_scores(result.scores_path), read_asv_scores(asv) if asv is not None else None)
+    assert result.metrics == expected  # threshold included: it is one of the file's scores
 
 
 def _save_weights(path: Path, seed: int) -> Path:
+    """AASIST-L weights whose scores spread over a few units. A fresh model's lie within about 2e-4 of each other
+    (with BatchNorm's initial statistics the quiet demo audio hardly reaches the output), too close for a score
+    tolerance to tell utterances apart, and 6 decimals tie some: BatchNorm's statistics are taken from noise at
+    the demo's loudness instead, and the output layer is scaled up."""
     torch.manual_seed(seed)
-    torch.save(AASIST("AASIST-L").state_dict(), path)
+    model = AASIST("AASIST-L")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                m.momentum = None  # the batch's own statistics, not 10% of them
+        model.train()(0.02 * torch.randn(8, SAMPLES))
+        model.out_layer.weight.mul_(10)
+    torch.save(model.state_dict(), path)
     return path
 
 
@@ -58,7 +118,7 @@ def reference(corpus, weights, tmp_path_factory):
     return result, out.read_bytes()
 
 
-def test_full_run_scores_every_utterance_in_split_order(corpus, reference):
+def test_full_run_scores_every_utterance_in_split_order(corpus, weights, reference):
     result, data = reference
     assert (result.scored, result.skipped, result.resumed, result.batch) == (N_EVAL, 0, 0, 4)
     lines = [line.split() for line in data.decode().splitlines()]
@@ -66,9 +126,12 @@ def test_full_run_scores_every_utterance_in_split_order(corpus, reference):
     assert [f[0] for f in lines] == [p[1] for p in protocol]  # split order
     assert [f[1] for f in lines] == [p[3] for p in protocol]
     assert [f[2] for f in lines] == [p[4] for p in protocol]
-    assert np.isfinite([float(f[3]) for f in lines]).all()
-    assert len({f[3] for f in lines}) > 1  # real per-utterance scores, not a constant
-    assert set(result.metrics) >= {"eer", "eer_threshold", "min_tdcf", "per_attack", "counts"}
+    # Each score is the model's bona fide logit of that utterance's reference input.
+    expected = _model_scores(weights, [_flac(corpus, p[1]) for p in protocol])
+    # Far enough apart that the tolerance cannot hide swapped utterances and 6 decimals tie none.
+    assert np.diff(np.sort(expected)).min() > 10 * SCORE_TOLERANCE
+    np.testing.assert_allclose([float(f[3]) for f in lines], expected, rtol=0, atol=SCORE_TOLERANCE)
+    _metrics_of_the_file(result)
     assert result.metrics["counts"]["bonafide"] + result.metrics["counts"]["spoof"] == N_EVAL
     assert result.metrics["min_tdcf"] is None  # no ASV scores given
     # The file is the reference CM layout the evaluate command reads.
@@ -79,11 +142,68 @@ def test_full_run_scores_every_utterance_in_split_order(corpus, reference):
     assert sorted(p.name for p in folder.iterdir()) == ["scores.txt"]
 
 
-def test_budget_chooses_the_batch_and_says_so(corpus, weights, tmp_path, monkeypatch):
+class _BatchSizes:
+    """Stands in for the model call and records how many utterances each forward took."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.real = evaluation.bona_fide_logits
+
+    def __call__(self, model, wave, *args, **kwargs):
+        self.sizes.append(len(wave))
+        return self.real(model, wave, *args, **kwargs)
+
+
+def test_batch_one_scores_as_batch_four_and_metrics_follow_the_file(corpus, weights, reference, tmp_path,
+                                                                     monkeypatch):
+    asv = tmp_path / "asv.txt"
+    asv.write_text("S1 target 2.0\nS1 target 0.4\nS1 nontarget -1.0\nS1 nontarget 0.6\nS1 spoof -0.5\nS1 spoof 1.1\n")
+    calls = _BatchSizes()
+    monkeypatch.setattr(evaluation, "bona_fide_logits", calls)
+    result = run_eval(corpus, weights, out=tmp_path / "one.txt", batch=1, asv_scores=asv, **FAST)
+    assert result.batch == 1 and calls.sizes == [1] * N_EVAL  # really one utterance per forward
+    columns, scores = _score_lines(result.scores_path)
+    four_columns, four_scores = _score_lines(reference[0].scores_path)
+    assert columns == four_columns
+    np.testing.assert_allclose(scores, four_scores, rtol=0, atol=SCORE_TOLERANCE)
+    expected = _model_scores(weights, [_flac(corpus, c[0]) for c in columns])
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=SCORE_TOLERANCE)
+    assert result.metrics["min_tdcf"] is not None
+    _metrics_of_the_file(result, asv)
+
+
+def _allocator_peak(model: torch.nn.Module, batch: int) -> int:
+    """Bytes the CPU allocator holds at the peak of one no-grad forward, weights and input included, from the
+    profiler's allocation events: what memory really held, not what the code's tensor tracker counts."""
+    x = torch.zeros(batch, SAMPLES)
+    held = sum(t.untyped_storage().nbytes() for t in (*model.parameters(), *model.buffers(), x))
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(x)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    assert events, "the profiler recorded no allocations"
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):  # frees are negative
+        live += e.nbytes()
+        peak = max(peak, live)
+    return held + peak
+
+
+@pytest.fixture(scope="module")
+def allocator_cost() -> tuple[int, int]:
+    """(fixed, per utterance) bytes of a real scoring forward, from the allocator at batch 1 and 2."""
+    model = AASIST("AASIST-L").eval()
+    one, two = _allocator_peak(model, 1), _allocator_peak(model, 2)
+    return one - (two - one), two - one
+
+
+def test_budget_chooses_the_batch_and_says_so(corpus, weights, allocator_cost, tmp_path, monkeypatch):
+    # The budget comes from what the allocator really held, with the planner's stated process overhead and slack:
+    # room for 9.5 utterances. A prediction more than ~5% off the allocator's bytes would choose 8 or 10.
+    fixed, per = allocator_cost
+    overhead, slack = inference.CPU_PROCESS_BYTES, inference.CPU_SLACK["fp32"]
+    budget = int(overhead + (fixed + 9.5 * per) * (1 + slack))
     monkeypatch.chdir(tmp_path)
     console = Console(record=True, width=400)
-    cost = inference.inference_cost("AASIST-L", SAMPLES, "fp32", torch.device("cpu"))
-    budget = cost.peak(9) + cost.per_sample // 2  # room for 9 utterances, not 10
     result = run_eval(corpus, weights, budget=f"{budget}B", console=console, **FAST)
     assert result.batch == 9
     assert result.scored == N_EVAL
@@ -95,14 +215,19 @@ def test_budget_chooses_the_batch_and_says_so(corpus, weights, tmp_path, monkeyp
 
     # A budget that cannot hold one utterance is refused before any scoring.
     with pytest.raises(NoPlanError, match="at batch 1"):
-        run_eval(corpus, weights, budget=f"{cost.peak(1) - 1}B", **FAST)
+        run_eval(corpus, weights, budget=f"{overhead + (fixed + per) // 2}B", **FAST)
 
 
-def test_inference_cost_is_linear_in_the_batch():
+def test_inference_cost_is_linear_in_the_batch(allocator_cost):
     cpu = torch.device("cpu")
     cost = inference.inference_cost("AASIST-L", SAMPLES, "fp32", cpu)
     live = inference.forward_live_peak("AASIST-L", 5, SAMPLES, "fp32", cpu)
     assert cost.fixed + 5 * cost.per_sample == live
+    # Against the allocator: the live tensors are a lower bound of what it holds, and the slack covers the rest
+    # (oneDNN's scratch; about 3% here).
+    fixed, per = allocator_cost
+    real = fixed + 5 * per
+    assert live <= real <= live * (1 + inference.CPU_SLACK["fp32"])
     assert cost.largest_batch(cost.peak(64) * 10) == inference.MAX_BATCH
     assert cost.largest_batch(cost.peak(1) - 1) == 0
 
