@@ -1,10 +1,11 @@
 """The ``block0`` policy: block 0 of AASIST as one autograd Function (lowmem_aasist.memory.block0).
 
 Every training step is compared with the unmodified model (lean pooling on both sides) at the same precision:
-loss, every parameter gradient and BatchNorm's running statistics, as max |difference| / max |reference| per
-tensor (fp32 at most 1e-6, bf16 and fp16 autocast at most 1e-3). On the CPU they are in fact bit-identical, which
-also makes the per-tensor comparison of gradients that are mathematically zero (biases right before a BatchNorm,
-whose computed values are rounding noise) meaningful. Dropout stays on: both models draw the same masks.
+loss, every parameter gradient and BatchNorm's running statistics. In fp32 on the CPU they must be bit-identical
+(torch.equal), as docs/memory.md promises; that also makes the per-tensor comparison of gradients that are
+mathematically zero (biases right before a BatchNorm, whose computed values are rounding noise) meaningful. Under
+bf16 and fp16 autocast, which nothing promises to be exact across CPUs (oneDNN picks kernels per CPU), each tensor is
+held to max |difference| / max |reference| <= 1e-3. Dropout stays on: both models draw the same masks.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from lowmem_aasist.models.aasist_memory import POLICIES
 
 CROP, BATCH = 6000, 3
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-TOLERANCE = {"fp32": 1e-6, "bf16": 1e-3, "fp16": 1e-3}
+TOLERANCE = {"bf16": 1e-3, "fp16": 1e-3}  # fp32 must be exact: see same()
 BLOCKS = [f"encoder.{i}.0" for i in range(6)]
 
 
@@ -57,6 +58,13 @@ def relative(ref: Tensor, got: Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
+def same(ref: Tensor, got: Tensor, precision: str) -> bool:
+    """Bit-identical in fp32 (the documented promise); within TOLERANCE relative under autocast."""
+    if precision == "fp32":
+        return torch.equal(ref, got)
+    return relative(ref, got) <= TOLERANCE[precision]
+
+
 def train_step(model: nn.Module, batch: tuple[Tensor, Tensor], precision: str, seed: int = 123) -> Tensor:
     x, y = batch
     model.train()
@@ -69,19 +77,28 @@ def train_step(model: nn.Module, batch: tuple[Tensor, Tensor], precision: str, s
     return loss.detach()
 
 
-def differences(ref: nn.Module, ref_loss: Tensor, model: nn.Module, loss: Tensor) -> dict[str, float]:
-    """Relative difference of the loss, every gradient and every running statistic; batch counts must be equal."""
-    out = {"loss": relative(ref_loss, loss)}
+def step_tensors(
+    ref: nn.Module, ref_loss: Tensor, model: nn.Module, loss: Tensor
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """(reference, got) for the loss, every gradient and every running statistic; batch counts must be equal."""
+    out = {"loss": (ref_loss, loss)}
     for (name, p), (_, q) in zip(ref.named_parameters(), model.named_parameters(), strict=True):
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
-            out[f"grad {name}"] = relative(p.grad, q.grad)
+            out[f"grad {name}"] = (p.grad, q.grad)
     for (name, a), (_, b) in zip(ref.named_buffers(), model.named_buffers(), strict=True):
         if name.endswith("num_batches_tracked"):
             assert torch.equal(a, b), name
         else:
-            out[name] = relative(a, b)
+            out[name] = (a, b)
     return out
+
+
+def assert_same_step(ref: nn.Module, ref_loss: Tensor, model: nn.Module, loss: Tensor, precision: str) -> None:
+    tensors = step_tensors(ref, ref_loss, model, loss)
+    differing = {name: relative(a, b) for name, (a, b) in tensors.items() if not same(a, b, precision)}
+    # The worst relative differences name the culprit when the assertion fails.
+    assert not differing, sorted(differing.items(), key=lambda kv: -kv[1])[:3]
 
 
 def lean(base: nn.Module, policy: str = "none") -> nn.Module:
@@ -120,8 +137,8 @@ def test_steps_match_unmodified_model(models, batch, name, precision):
     ref, model = lean(models[name]), lean(models[name], "block0")
     assert isinstance(vars(model.get_submodule("encoder.0.0"))["forward"], block0._Block0Forward)
     for step in range(steps):
-        worst = differences(ref, train_step(ref, batch, precision), model, train_step(model, batch, precision))
-        assert max(worst.values()) <= TOLERANCE[precision], sorted(worst.items(), key=lambda kv: -kv[1])[:3]
+        ref_loss, loss = train_step(ref, batch, precision), train_step(model, batch, precision)
+        assert_same_step(ref, ref_loss, model, loss, precision)
         bn = model.get_submodule("encoder.0.0.bn2")
         assert int(bn.num_batches_tracked) == step + 1  # one momentum update per forward, not two
 
@@ -150,7 +167,7 @@ def test_channels_last(models, batch, precision, layout_first):
     else:
         prepare_model(model, "block0", channels_last=True)
     ref_loss, loss = train_step(ref, batch, precision), train_step(model, batch, precision)
-    assert relative(ref_loss, loss) <= TOLERANCE[precision]
+    assert relative(ref_loss, loss) <= (1e-6 if precision == "fp32" else TOLERANCE[precision])
     scale = max(p.grad.abs().max().item() for p in ref.parameters() if p.grad is not None)
     rtol = 5e-5 if precision == "fp32" else TOLERANCE[precision]  # fp32: 7e-6 seen (conv2.bias)
     grad_rtol, grad_atol = rtol, rtol * 0.1 * scale
@@ -222,15 +239,14 @@ def block_step(block: nn.Module, x: Tensor, precision: str, leaf: bool) -> tuple
 def compare_blocks(stock: nn.Module, custom: nn.Module, x: Tensor, precision: str, leaf: bool = True) -> None:
     out_a, gx_a = block_step(stock, x, precision, leaf)
     out_b, gx_b = block_step(custom, x, precision, leaf)
-    tol = TOLERANCE[precision]
     assert out_a.dtype == out_b.dtype and out_a.shape == out_b.shape
-    assert relative(out_a, out_b) <= tol
+    assert same(out_a, out_b, precision), relative(out_a, out_b)
     if gx_a is not None:
-        assert gx_a.dtype == gx_b.dtype and relative(gx_a, gx_b) <= tol
+        assert gx_a.dtype == gx_b.dtype and same(gx_a, gx_b, precision), relative(gx_a, gx_b)
     for (name, p), (_, q) in zip(stock.named_parameters(), custom.named_parameters(), strict=True):
-        assert q.grad.dtype == p.dtype and relative(p.grad, q.grad) <= tol, name
+        assert q.grad.dtype == p.dtype and same(p.grad, q.grad, precision), (name, relative(p.grad, q.grad))
     for (name, a), (_, b) in zip(stock.named_buffers(), custom.named_buffers(), strict=True):
-        assert relative(a.double(), b.double()) <= tol, name
+        assert same(a, b, precision), (name, relative(a, b))
 
 
 # Whole windows, and a tail of 1 or 2 steps that gets no gradient; fp16 once (its CPU backward is slow).
@@ -266,7 +282,7 @@ def test_input_without_grad_and_cumulative_momentum():
             out = block(x)  # x needs no gradient: only the parameters' are computed
             out.square().sum().backward()
     for (name, p), (_, q) in zip(stock.named_parameters(), custom.named_parameters(), strict=True):
-        assert relative(p.grad, q.grad) <= 1e-6, name
+        assert torch.equal(p.grad, q.grad), (name, relative(p.grad, q.grad))
     for (name, a), (_, b) in zip(stock.named_buffers(), custom.named_buffers(), strict=True):
         assert torch.equal(a, b), name
     assert int(custom.bn2.num_batches_tracked) == 2
@@ -354,8 +370,7 @@ def test_lean_pooling_composes_in_either_order(models, batch):
     apply_checkpointing(model, "block0")
     apply_lean_pooling(model)
     assert isinstance(model.get_submodule("encoder.0.0.pool"), LeanMaxPool)  # serves eval forwards
-    worst = differences(ref, train_step(ref, batch, "fp32"), model, train_step(model, batch, "fp32"))
-    assert max(worst.values()) <= TOLERANCE["fp32"]
+    assert_same_step(ref, train_step(ref, batch, "fp32"), model, train_step(model, batch, "fp32"), "fp32")
 
 
 def test_copies_and_pickles_run_their_own_block(models, batch):
@@ -365,8 +380,7 @@ def test_copies_and_pickles_run_their_own_block(models, batch):
     for clone in (copy.deepcopy(original), pickle.loads(pickle.dumps(original))):
         block = clone.get_submodule("encoder.0.0")
         assert block.forward.module is block
-        worst = differences(ref, ref_loss, clone, train_step(clone, batch, "bf16"))
-        assert max(worst.values()) <= TOLERANCE["bf16"]
+        assert_same_step(ref, ref_loss, clone, train_step(clone, batch, "bf16"), "bf16")
     assert original.get_submodule("encoder.0.0.conv1").weight.grad is None
 
 

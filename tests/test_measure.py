@@ -109,7 +109,16 @@ def test_measure_step_cpu():
         for b in (1, 2, 4)
     }
     r = results[2]
-    assert r.state_bytes == state_bytes(model, opt) > 0
+    # Counted by hand: every parameter in float32; the gradient, exp_avg and exp_avg_sq of each one used (block
+    # 1-5's bn1 are not: no gradient, so no Adam state), plus Adam's float32 step counter; BatchNorm's float32
+    # running statistics and int64 batch counters; the sinc front end's fixed float32 filter bank.
+    used = [p for p in model.parameters() if p.grad is not None]
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    expected = (4 * sum(p.numel() for p in model.parameters()) + 3 * 4 * sum(p.numel() for p in used)
+                + 4 * len(used) + sum(2 * 4 * m.num_features + 8 for m in bns) + 4 * 70 * 129)
+    assert model.conv_time.bank.shape == (70, 1, 129)
+    assert len(used) < len(list(model.parameters())) and len(opt.state) == len(used)
+    assert r.state_bytes == expected
     assert r.peak_bytes > r.state_bytes
     assert r.cuda_peak_allocated is None and r.cuda_peak_reserved is None
     assert r.step_s > 0
@@ -118,6 +127,20 @@ def test_measure_step_cpu():
     assert results[4].peak_bytes - results[2].peak_bytes == pytest.approx(2 * per_sample, rel=0.02)
     if sys.platform.startswith("linux"):
         assert r.rss_peak_bytes is not None and r.rss_peak_bytes > r.peak_bytes  # RSS adds the process itself
+
+
+def test_state_bytes_counts_weights_gradients_adam_state_and_buffers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))  # 12 parameters in 4 tensors
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # Parameters 12 x 4 B; BatchNorm's running mean and variance 2 x 2 x 4 B and its int64 batch count 8 B.
+    assert state_bytes(model) == state_bytes(model, opt) == 48 + 16 + 8
+    model(torch.randn(4, 3)).square().sum().backward()
+    assert state_bytes(model, opt) == 72 + 48  # the gradients
+    opt.step()
+    # Adam's exp_avg and exp_avg_sq (12 x 4 B each) and a float32 step counter per parameter tensor.
+    assert state_bytes(model, opt) == 120 + 2 * 48 + 4 * 4
+    assert state_bytes(model) == 120  # without the optimizer: its state is not the model's
 
 
 def test_rss_peak_reset_reads_back():

@@ -4,14 +4,16 @@ Tiling changes the order of floating-point sums, so results are not bit-identica
 checked at two levels: one block alone with a fixed output gradient (every tensor within 1e-5 in fp32, 1e-2 under
 bf16 autocast), and a whole AASIST training step. A whole step amplifies rounding chaotically (max-pool near-ties
 and GraphPool's top-k pick other elements), so there results are held to "no further from the exact answer than the
-stock model's own rounding": fp32 against a float64 run; bf16 against fp32, within a multiple of how far stock bf16
-steps rounded three equally valid ways land from it in the same run (so on whichever CPU runs the tests).
+stock model's own rounding", as a distribution: fp32 against float64 runs of six random draws (a single draw can land
+either side by 20x); bf16 against fp32, within a multiple of how far stock bf16 steps rounded three equally valid
+ways land from it in the same run (so on whichever CPU runs the tests).
 """
 
 from __future__ import annotations
 
 import copy
 import pickle
+import statistics
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -53,9 +55,9 @@ def no_dropout(model: nn.Module) -> nn.Module:
 # One block, fixed output gradient
 
 
-def block_pair(in_ch: int, tile: int, seed: int = 0) -> tuple[ResidualBlock, ResidualBlock]:
+def block_pair(in_ch: int, tile: int, seed: int = 0, out_ch: int = 32) -> tuple[ResidualBlock, ResidualBlock]:
     torch.manual_seed(seed)
-    block = ResidualBlock(in_ch, 32, first=in_ch == 1).train()
+    block = ResidualBlock(in_ch, out_ch, first=in_ch == 1).train()
     with torch.no_grad():  # non-trivial affine and biases, so every term of the gradients matters
         for p in block.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -76,8 +78,8 @@ def block_step(block: nn.Module, x: Tensor, grad_seed: int, bf16: bool) -> tuple
     return out.detach(), x.grad
 
 
-def block_differences(in_ch: int, width: int, tile: int, bf16: bool) -> dict[str, float]:
-    ref, tiled = block_pair(in_ch, tile)
+def block_differences(in_ch: int, width: int, tile: int, bf16: bool, out_ch: int = 32) -> dict[str, float]:
+    ref, tiled = block_pair(in_ch, tile, out_ch=out_ch)
     x = 2 * torch.randn(2, in_ch, 23, width, generator=torch.Generator().manual_seed(3)) + 0.5
     if bf16:
         x = x.bfloat16()
@@ -103,18 +105,26 @@ def block_differences(in_ch: int, width: int, tile: int, bf16: bool) -> dict[str
     return diffs
 
 
-@pytest.mark.parametrize("in_ch", [1, 32], ids=["block0", "identity-shortcut"])
+# (in, out) channels: block 0; blocks 1 and 3 (identity shortcut); block 2, whose projection shortcut reads many
+# input channels (AASIST 32 -> 64, AASIST-L 32 -> 24), which block 0's one-channel input cannot tell apart.
+BLOCKS = [(1, 32), (32, 32), (32, 64), (32, 24)]
+BLOCK_IDS = ["block0", "identity-shortcut", "downsample-64", "downsample-24"]
+
+
+@pytest.mark.parametrize(("in_ch", "out_ch"), BLOCKS, ids=BLOCK_IDS)
 @pytest.mark.parametrize("width", [90, 91, 95])  # W % 3 == 0, 1, 2
 @pytest.mark.parametrize("tile", [3, 12, 45, 300])  # one frame window per tile, several, one partial, longer than W
-def test_block_fp32_matches_stock(in_ch, width, tile):
-    diffs = block_differences(in_ch, width, tile, bf16=False)
+def test_block_fp32_matches_stock(in_ch, out_ch, width, tile):
+    diffs = block_differences(in_ch, width, tile, bf16=False, out_ch=out_ch)
+    if in_ch != out_ch:
+        assert {"conv_downsample.weight", "conv_downsample.bias"} <= diffs.keys()
     assert max(diffs.values()) <= 1e-5, diffs
 
 
-@pytest.mark.parametrize("in_ch", [1, 32], ids=["block0", "identity-shortcut"])
+@pytest.mark.parametrize(("in_ch", "out_ch"), BLOCKS, ids=BLOCK_IDS)
 @pytest.mark.parametrize("tile", [12, 300])
-def test_block_bf16_close_to_stock(in_ch, tile):
-    diffs = block_differences(in_ch, 301, tile, bf16=True)
+def test_block_bf16_close_to_stock(in_ch, out_ch, tile):
+    diffs = block_differences(in_ch, 301, tile, bf16=True, out_ch=out_ch)
     assert max(diffs.values()) <= 1e-2, diffs
 
 
@@ -192,15 +202,50 @@ def test_step_fp32_matches_stock(base_models, batches, arch, tile, blocks):
 SETUPS = [(DEFAULT_TILE, (0,)), (TILED_TILE, TILED_BLOCKS)]
 
 
+# Random AASIST-L models and batches: the first six drawn, not chosen.
+SEEDS = range(6)
+
+
+class Draw(NamedTuple):
+    model: nn.Module
+    batch: tuple[Tensor, Tensor]
+    stock: Tensor  # the stock fp32 step's gradients
+    exact: Tensor  # the same step in float64
+
+
+@pytest.fixture(scope="module")
+def fp32_draws() -> list[Draw]:
+    draws = []
+    for seed in SEEDS:
+        torch.manual_seed(seed)
+        model = no_dropout(AASIST("AASIST-L"))
+        apply_lean_pooling(model)
+        batch = (torch.randn(3, CROP, generator=torch.Generator().manual_seed(1000 + seed)), torch.tensor([0, 1, 1]))
+        _, stock, _ = train_step(copy.deepcopy(model), batch)
+        _, exact, _ = train_step(model, batch, "fp64")
+        draws.append(Draw(model, batch, stock, exact))
+    return draws
+
+
 @pytest.mark.parametrize(("tile", "blocks"), SETUPS)
-def test_step_fp32_as_accurate_as_stock(base_models, batches, tile, blocks):
-    base, batch = base_models["AASIST-L"], batches["AASIST-L"]
-    _, stock, _ = train_step(copy.deepcopy(base), batch)
-    _, tiled, _ = train_step(tiled_copy(base, tile, blocks), batch)
-    _, exact, _ = train_step(base, batch, "fp64")
-    stock_error = rel_norm(stock, exact)
-    assert rel_norm(tiled, stock) <= 1.5 * stock_error
-    assert rel_norm(tiled, exact) <= 1.5 * stock_error
+def test_step_fp32_as_accurate_as_stock(fp32_draws, tile, blocks):
+    """As far from float64 as the stock fp32 step, over random draws; not on every draw, which no rounding is.
+
+    A near-tie in a max-pool or in GraphPool's top-k goes one way in float64 and either way in fp32, and moves the
+    gradient by 1e-4 to 1e-2; stock and tiled fp32 mostly flip together. Measured over 40 draws (seeds 0-39, this
+    CPU): tiled's error over stock's had a median of 1.00 for both setups, ranged from 0.09x to 22x per draw (one
+    draw in 40 beyond 5x each), and the largest tiled error in any six consecutive draws was at most 1.02x the
+    largest stock error among them.
+    """
+    tiled_error, stock_error = [], []
+    for draw in fp32_draws:
+        _, grads, _ = train_step(tiled_copy(draw.model, tile, blocks), draw.batch)
+        tiled_error.append(rel_norm(grads, draw.exact))
+        stock_error.append(rel_norm(draw.stock, draw.exact))
+    ratios = [t / s for t, s in zip(tiled_error, stock_error, strict=True)]
+    shown = ", ".join(f"{r:.3g}" for r in ratios)
+    assert statistics.median(ratios) <= 1.1, f"tiled / stock error from float64 per draw: {shown}"
+    assert max(tiled_error) <= 1.1 * max(stock_error), (tiled_error, stock_error)
 
 
 class Step(NamedTuple):
