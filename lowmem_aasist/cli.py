@@ -109,6 +109,28 @@ def _generate_demo(root: Path, console: Console, **params) -> Path:
     return root
 
 
+def cmd_augment_preview(args: argparse.Namespace) -> int:
+    from .augment.base import parse_spec
+    from .augment.preview import preview
+
+    if args.n < 1:
+        raise CLIError(f"--n {args.n}: write at least 1 version")
+    audio = Path(args.audio)
+    if not audio.is_file():
+        raise CLIError(f"{audio}: no such audio file")
+    chain = parse_spec(args.augment)
+    if not chain:
+        raise CLIError("--augment none: nothing to preview; give a spec such as rawboost:5")
+    result = preview(audio, chain, args.n, Path(args.out), args.seed)
+    console = _stdout()
+    for path, clipped in zip(result.flacs, result.clipped, strict=True):
+        note = f" ({clipped:,} samples clipped to [-1, 1] in the file; training sees them unclipped)" if clipped else ""
+        console.print(f"wrote {path}{note}", highlight=False)
+    console.print(f"wrote {result.png}" if result.png else "no PNG: pip install matplotlib to draw the spectrograms",
+                  highlight=False)
+    return EXIT_OK
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     _generate_demo(Path(args.dir), _stdout(), n_train=args.n_train, n_dev=args.n_dev,
                    n_eval=args.n_eval, seed=args.seed, workers=args.workers)
@@ -134,6 +156,7 @@ def _fit_overrides(args: argparse.Namespace) -> dict:
         "data.root": args.data,
         "data.layout": args.layout,
         "data.max_bad": args.max_bad,
+        "data.augment": None if args.augment is None else "" if args.augment.strip().lower() in ("none", "off") else args.augment,
         "memory.budget": args.budget,
         "memory.checkpoint": args.checkpoint,
         "memory.optimizer": args.optimizer,
@@ -373,6 +396,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "score": cmd_score,
     "fit": cmd_fit,
     "demo-data": cmd_demo_data,
+    "augment-preview": cmd_augment_preview,
     "probe": cmd_probe,
     "check-data": cmd_check_data,
     "eval": cmd_eval,
@@ -401,6 +425,9 @@ def _add_fit(sub: argparse._SubParsersAction, models: list[str], policies: tuple
     p.add_argument("--layout", choices=["auto", *LAYOUTS], help="force the corpus layout (default: recognised)")
     p.add_argument("--max-bad", help="stop before training when more of a split is missing or unreadable: a "
                                      "percentage (default 5%%) or a count")
+    p.add_argument("--augment", metavar="SPEC",
+                   help="training augmentation, e.g. rawboost:5 or rawboost:5+codec:p=0.5 or "
+                        "noise:dir=~/musan,snr=5-20,p=0.6; none turns a profile's off (docs/augmentation.md)")
     p.add_argument("--demo", action="store_true", help="generate (once) and train on the synthetic demo corpus")
     p.add_argument("--demo-dir", help=f"where the demo corpus is cached (default {default_demo_dir()})")
     p.add_argument("--profile", help="TOML profile: a path or a name in profiles/ (default: the model's published "
@@ -440,6 +467,16 @@ def _add_demo_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-eval", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="processes generating audio (output is identical for any)")
+
+
+def _add_augment_preview(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("augment-preview", help="write augmented versions of one recording (FLAC) and their "
+                                               "spectrograms (PNG), to hear and see a spec before training")
+    p.add_argument("audio", metavar="AUDIO")
+    p.add_argument("--augment", required=True, metavar="SPEC", help="as fit --augment, e.g. rawboost:5+codec")
+    p.add_argument("--n", type=int, default=4, help="versions to write (default 4)")
+    p.add_argument("--out", required=True, help="folder for the FLAC files and the PNG")
+    p.add_argument("--seed", type=int, default=0, help="the same seed writes the same versions")
 
 
 def _add_probe(sub: argparse._SubParsersAction, models: list[str], policies: tuple[str, ...]) -> None:
@@ -509,6 +546,7 @@ def get_parser() -> argparse.ArgumentParser:
     _add_score(sub, models)
     _add_fit(sub, models, policies)
     _add_demo_data(sub)
+    _add_augment_preview(sub)
     _add_probe(sub, models, policies)
     _add_check_data(sub)
     _add_eval(sub, models)
@@ -538,6 +576,7 @@ def _attach_dashed_values(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     from .audio import AudioError
+    from .augment.base import SpecError
     from .checkpoint import ResumeError
     from .config import ConfigError
     from .data.corpora import LayoutError, ProtocolError
@@ -558,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
 
     enable_expandable_segments()  # before anything touches CUDA
     usage_errors = (CLIError, ConfigError, DeviceError, RunFolderError, BudgetError, NoPlanError, OptimizerError,
-                    LayoutError, ResumeError, EvalResumeError)
+                    LayoutError, ResumeError, EvalResumeError, SpecError)
     try:
         return COMMANDS[args.command](args)
     except usage_errors as exc:

@@ -111,9 +111,17 @@ class DataConfig:
     eval_samples: int = 64_600
     """Input length for dev scoring: the first N samples, short clips tiled (64,600 = the reference input)."""
     dev_batch: int = 16
+    augment: str = ""
+    """Training augmentation spec (lowmem_aasist.augment), e.g. "rawboost:5+codec:p=0.5"; empty or "none": off."""
 
     def validate(self) -> list[str]:
+        from .augment.base import SpecError, parse_spec
+
         errors = []
+        try:
+            parse_spec(self.augment)
+        except SpecError as exc:
+            errors.append(str(exc))
         if self.eval_samples < 1:
             errors.append(f"data.eval_samples must be >= 1, got {self.eval_samples}")
         if self.dev_batch < 1:

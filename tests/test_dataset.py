@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 
 from lowmem_aasist.audio import read_audio
+from lowmem_aasist.augment.base import parse_spec
 from lowmem_aasist.data.dataset import (
     EpochSampler,
     EvalInputs,
@@ -101,12 +102,13 @@ def test_sampler_permutes_per_epoch_and_skips_to_resume():
     assert [i for i, _ in s] == first[4:] and len(s) == 6
 
 
+@pytest.mark.parametrize("augment", ["", "rawboost:4"])
 @pytest.mark.parametrize("workers", [1, 2])
-def test_batches_identical_for_any_worker_count(split, workers):
+def test_batches_identical_for_any_worker_count(split, workers, augment):
     def batches(w):
         sampler = EpochSampler(np.arange(len(split)), seed=7)
         sampler.set_epoch(2)
-        loader = make_loader(TrainCrops(split, 1000, seed=7), 4, w, sampler)
+        loader = make_loader(TrainCrops(split, 1000, seed=7, augment=parse_spec(augment)), 4, w, sampler)
         return [(b.index.tolist(), b.wave.numpy().copy(), b.label.tolist()) for b in loader]
 
     ref, other = batches(0), batches(workers)

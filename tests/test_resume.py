@@ -34,7 +34,7 @@ def _cfg(root, **train):
     overrides = {"data.root": str(root), "train.crop": 3000, "train.batch": 4, "train.workers": 0, "train.epochs": 2,
                  "train.log_every": 1, "train.precision": "fp32", "data.eval_samples": 3000, "data.dev_batch": 8,
                  "memory.micro_batch": 2}
-    overrides.update({f"train.{k}": v for k, v in train.items()})
+    overrides.update({("data.augment" if k == "augment" else f"train.{k}"): v for k, v in train.items()})
     return load_config("demo", overrides)
 
 
@@ -64,6 +64,19 @@ def test_stopped_after_k_steps_and_resumed_is_bit_identical(corpus, reference, t
     assert _max_difference(_weights(out), _weights(reference)) == 0.0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert steps == list(range(1, 9))  # each step logged once, none lost or repeated
+
+
+def test_a_run_with_augmentation_stopped_and_resumed_is_bit_identical(corpus, tmp_path):
+    spec = "rawboost:5+codec"
+    whole, out = tmp_path / "whole", tmp_path / "run"
+    fit(_cfg(corpus, max_steps=6, workers=2, augment=spec), whole)
+    assert fit(_cfg(corpus, max_steps=3, workers=2, augment=spec), out).steps == 3
+    result = fit(_cfg(corpus, max_steps=6, workers=1, augment=spec), out, resume=True)  # another worker count too
+    assert result.resumed_from == 3 and result.steps == 6
+    assert _max_difference(_weights(out), _weights(whole)) == 0.0
+    plain = tmp_path / "plain"
+    fit(_cfg(corpus, max_steps=6), plain)
+    assert _max_difference(_weights(plain), _weights(whole)) > 0  # the augmentation was applied
 
 
 @pytest.mark.parametrize("lost", ["random state", "data position"])

@@ -1,7 +1,7 @@
 """Streaming datasets: each item decodes only the window it needs, straight from disk.
 
-Training items are random crops whose position is a pure function of (seed, epoch, index), so a run is the same
-whatever the number of DataLoader workers. Lengths come from the split's index (file headers read once), so an
+Training items are random crops whose position, and augmentation, are pure functions of (seed, epoch, index), so a
+run is the same whatever the number of DataLoader workers. Lengths come from the split's index (file headers read once), so an
 item opens its file once and decodes only its window. Unreadable audio never reaches the model: a training item
 is replaced by another utterance and the failure travels with the batch for the trainer to report once.
 """
@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..audio import AudioError, audio_info, read_segment, tile
+from ..audio import SAMPLE_RATE, AudioError, audio_info, read_segment, tile
+from ..augment.base import NO_AUGMENTATION, Chain, item_rng
 from ..interrupt import ignore_sigint_in_worker
 from ..malloc import set_malloc_thresholds
 from .split import Split
@@ -70,8 +71,8 @@ class TrainCrops(Dataset):
     same whatever the number of workers. The failure travels with the item so the trainer reports it.
     """
 
-    def __init__(self, split: Split, crop: int, seed: int) -> None:
-        self.split, self.crop, self.seed = split, crop, seed
+    def __init__(self, split: Split, crop: int, seed: int, augment: Chain = NO_AUGMENTATION) -> None:
+        self.split, self.crop, self.seed, self.augment = split, crop, seed, augment
         self.frames = _frames(split)
         self.readable = np.flatnonzero(self.frames > 0)
 
@@ -82,6 +83,11 @@ class TrainCrops(Dataset):
         n = int(self.frames[index])
         return read_window(self.split.path[index], crop_start(n, self.crop, rng), self.crop, n)
 
+    def _augmented(self, wave: np.ndarray, epoch: int, index: int) -> np.ndarray:
+        # Its own stream, keyed like the crop's: switching augmentation on moves no crop, and a substitute for an
+        # unreadable item is augmented by the draws its slot would have had.
+        return self.augment(wave, SAMPLE_RATE, item_rng(self.seed, epoch, index)) if self.augment else wave
+
     def __getitem__(self, key: tuple[int, int]) -> Item:
         index, epoch = key
         rng = np.random.default_rng([self.seed, epoch, index])
@@ -89,7 +95,7 @@ class TrainCrops(Dataset):
         candidate = index
         for _ in range(MAX_SUBSTITUTES + 1):
             try:
-                return candidate, self._read(candidate, rng), tuple(problems)
+                return candidate, self._augmented(self._read(candidate, rng), epoch, index), tuple(problems)
             except AudioError as exc:
                 problems.append((candidate, str(exc)))
             if not len(self.readable):

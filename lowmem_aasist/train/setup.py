@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from ..augment.base import parse_spec
 from ..checkpoint import ResumeError, config_differences, load_checkpoint
 from ..config import Config, ConfigError
 from ..data.corpora import has_training_splits, resolve_layout
@@ -160,7 +161,7 @@ def _write_run_files(cfg: Config, out: Path, chosen: Resolved, device: torch.dev
 def _training_data(cfg: Config, split: Split, chosen: Resolved, world: World, device: torch.device):
     """Streaming crops, this rank's sampler and loader, and the step schedule of the whole recipe."""
     tc = cfg.train
-    train_data = TrainCrops(split, chosen.crop, tc.seed)
+    train_data = TrainCrops(split, chosen.crop, tc.seed, parse_spec(cfg.data.augment))
     sampler = EpochSampler(train_data.readable, tc.seed, tc.batch, world.rank, world.size)
     loader = make_loader(train_data, tc.batch // world.size, chosen.workers, sampler, device.type == "cuda")
     # Whole batches only, as the reference recipe: a last batch of one utterance could not train at all.
@@ -240,6 +241,9 @@ def setup(
         f"(micro-batch {state.micro_batch}) x crop {state.crop}, lr {tc.lr:g}; train {len(train_split):,} utterances "
         f"({counts['bonafide']:,} bona fide), dev {len(dev_split):,}; {schedule.stop_at:,} steps -> {out}"
         + (f" (resumed at step {p.step:,}, epoch {p.epoch + 1})" if resume else "")
+        + (f"\naugment: {state.train_data.augment.spec} on each training crop, drawn from (seed, epoch, index); dev "
+           "is scored clean" if state.train_data.augment else ""),
+        highlight=False,
     )
     if not resume:
         for ix in indexed:  # found by the index: never sampled, reported once here
