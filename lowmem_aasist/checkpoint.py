@@ -17,6 +17,7 @@ RESUME_MAY_CHANGE = frozenset({
     "train.workers", "train.max_steps", "train.log_every", "train.save_every", "train.sync_bn",
     "data.root", "data.layout", "data.max_bad", "data.dev_batch",
     "demo.cache", "memory.budget", "memory.checkpoint", "memory.optimizer", "memory.micro_batch",
+    "memory.optimizer_in_backward",
 })
 """Config keys a resumed run may change: where the data is, how it is read, logged and saved, and the memory plan
 (re-planned; the effective batch is kept). Everything else (model, recipe, seed, epochs) defines the result."""

@@ -161,6 +161,7 @@ def _fit_overrides(args: argparse.Namespace) -> dict:
         "memory.checkpoint": args.checkpoint,
         "memory.optimizer": args.optimizer,
         "memory.micro_batch": args.micro_batch,
+        "memory.optimizer_in_backward": args.optimizer_in_backward,
     }
     return {k: v for k, v in pairs.items() if v is not None}
 
@@ -457,6 +458,9 @@ def _add_fit(sub: argparse._SubParsersAction, models: list[str], policies: tuple
                    help="activation checkpointing policy (default: the planner's choice with --budget, else none)")
     p.add_argument("--optimizer", choices=["auto", *OPTIMIZERS])
     p.add_argument("--micro-batch", type=int, help="utterances per forward pass; must divide --batch")
+    p.add_argument("--optimizer-in-backward", action="store_true", default=None,
+                   help="update each parameter in backward as soon as its gradient is complete and free the gradient "
+                        "(exact; saves the gradients' memory at accumulation 1; not with fp16 or torchrun)")
 
 
 def _add_demo_data(sub: argparse._SubParsersAction) -> None:

@@ -159,6 +159,10 @@ class MemoryConfig:
     """adam (the paper's), adam8bit or adamw8bit (bitsandbytes; saves ~1.4 MiB on AASIST), or auto."""
     micro_batch: int = 0
     """Utterances per forward pass (0: the planner chooses); train.batch / micro_batch steps are accumulated."""
+    optimizer_in_backward: bool = False
+    """Apply each parameter's optimizer update in backward, as soon as its gradient is complete, and free the
+    gradient (bit-identical to the ordinary step; saves the gradients' memory at accumulation 1; not with fp16 or
+    torchrun)."""
 
     def validate(self) -> list[str]:
         errors = []

@@ -26,6 +26,7 @@ def forward_backward(
     scale: Callable[[Tensor], Tensor] = lambda loss: loss,
     total_weight: Tensor | None = None,
     no_sync: Callable[[], AbstractContextManager] = nullcontext,
+    last: Callable[[], AbstractContextManager] = nullcontext,
 ) -> Tensor:
     """Accumulate gradients of the weighted-mean loss of (x, y) over micro-batches; return the loss (detached).
 
@@ -33,7 +34,9 @@ def forward_backward(
     holds one micro-batch of audio, never the whole batch. ``scale`` is the GradScaler's ``scale`` under fp16.
     Under DistributedDataParallel, ``total_weight`` is the whole global batch's weight divided by the world size (so
     DDP's averaging of the ranks' gradients gives the global batch's gradient) and ``no_sync`` the wrapper's
-    context that skips the gradient all-reduce on all but the last micro-batch.
+    context that skips the gradient all-reduce on all but the last micro-batch. ``last`` wraps the last micro-batch
+    instead: with the optimizer step in backward (:func:`~.memory.fused_step.stepping`) its backward applies the
+    update, once, to the gradient summed over every micro-batch.
     """
     device = class_weights.device
     y = y.to(device)
@@ -44,7 +47,7 @@ def forward_backward(
     if len(sizes) > 1 and sizes[-1] == 1:  # a batch that lost an utterance: one alone could not pass BatchNorm
         sizes[-2:] = [sizes[-2] + 1]
     for n, (xs, ys) in enumerate(zip(x.split(sizes), y.split(sizes), strict=True)):
-        with no_sync() if n < len(sizes) - 1 else nullcontext():
+        with no_sync() if n < len(sizes) - 1 else last():
             with autocast():
                 logits = model(xs.to(device, non_blocking=True))
             loss = F.cross_entropy(logits.float(), ys, weight=class_weights, reduction="sum") / total_weight

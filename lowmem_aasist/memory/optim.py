@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
+from .fused_step import OptimizerInBackward
 from .plan import OPTIMIZERS
 
 
@@ -18,9 +19,16 @@ class OptimizerError(Exception):
 
 
 def make_optimizer(
-    name: str, params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float
+    name: str, params: Iterable[torch.nn.Parameter], lr: float, betas: tuple[float, float], weight_decay: float,
+    in_backward: bool = False,
 ) -> torch.optim.Optimizer:
-    """``adam`` (the paper's: Adam with L2 weight decay), ``adam8bit`` or ``adamw8bit`` (bitsandbytes)."""
+    """``adam`` (the paper's: Adam with L2 weight decay), ``adam8bit`` or ``adamw8bit`` (bitsandbytes).
+
+    ``in_backward``: the same optimizer, one per parameter, stepped inside backward as each gradient is complete
+    (:class:`~.fused_step.OptimizerInBackward`; bit-identical updates, every gradient never held at once).
+    """
+    if in_backward:
+        return OptimizerInBackward(params, lambda groups: make_optimizer(name, groups, lr, betas, weight_decay))
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay)
     if name not in OPTIMIZERS:

@@ -32,6 +32,7 @@ from ..distributed import join_world, leave_world
 from ..interrupt import Interrupted, StopRequests
 from ..memory.enforce import PeakReader
 from ..memory.engine import record_observed
+from ..memory.fused_step import stepping
 from ..memory.plan import NoPlanError
 from ..metrics import eer_percent
 from ..progress import progress_bar
@@ -187,8 +188,10 @@ def _accumulate(s: TrainState, batch: Batch) -> torch.Tensor:
     # gives the single-process gradient; in a world of one the sum is the rank's own total.
     total = s.world.sum(s.class_weights[batch.label.to(s.device)].sum()) / s.world.size
     no_sync = getattr(s.net, "no_sync", nullcontext)
+    # With the optimizer step in backward, the last micro-batch's backward applies the update (a no-op otherwise).
     return forward_backward(s.net, batch.wave, batch.label, s.class_weights, s.micro_batch, s.autocast,
-                            s.scaler.scale, total_weight=total, no_sync=no_sync)
+                            s.scaler.scale, total_weight=total, no_sync=no_sync,
+                            last=functools.partial(stepping, s.optimizer))
 
 
 def smaller_micro_batch(batch: int, micro_batch: int, smallest: int) -> int:

@@ -8,6 +8,7 @@ then never asks which options are on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -32,6 +33,7 @@ from ..distributed import World, wrap_for_ranks
 from ..memory.device import resolve_device, resolve_precision
 from ..memory.enforce import enforce_budget
 from ..memory.engine import RunPlan, dev_batch_within, plan_run, prepare_model
+from ..memory.fused_step import fused_step_problems
 from ..memory.optim import make_optimizer
 from ..models import ModelFamily, count_parameters, get_family
 from ..storage import atomic_write_json, atomic_write_text
@@ -104,11 +106,13 @@ class Resolved:
     workers: int
     dev_batch: int
     plan: RunPlan | None
+    optimizer_in_backward: bool = False
 
     def to_dict(self, device: torch.device, world: World) -> dict:
         return {"device": str(device), "precision": self.precision, "micro_batch": self.micro_batch, "crop": self.crop,
                 "checkpoint": self.checkpoint, "optimizer": self.optimizer, "workers": self.workers,
-                "dev_batch": self.dev_batch, "world_size": world.size}
+                "dev_batch": self.dev_batch, "world_size": world.size,
+                "optimizer_in_backward": self.optimizer_in_backward}
 
 
 def resolve(cfg: Config, family: ModelFamily, device: torch.device, world: World, rank_batch: int) -> Resolved:
@@ -125,6 +129,10 @@ def resolve(cfg: Config, family: ModelFamily, device: torch.device, world: World
         chosen = Resolved(resolve_precision(tc.precision, device), mc.micro_batch or rank_batch, tc.crop,
                           "none" if mc.checkpoint == "auto" else mc.checkpoint,
                           "adam" if mc.optimizer == "auto" else mc.optimizer, tc.workers, cfg.data.dev_batch, None)
+    if mc.optimizer_in_backward:
+        if problems := fused_step_problems(chosen.precision, world.distributed):
+            raise ConfigError(f"memory.optimizer_in_backward: {problems[0]}")
+        chosen = dataclasses.replace(chosen, optimizer_in_backward=True)
     if rank_batch % chosen.micro_batch:
         raise ConfigError(f"--micro-batch {chosen.micro_batch} must divide the batch {tc.batch}"
                           + (f" per process ({rank_batch})" if world.distributed else ""))
@@ -212,7 +220,8 @@ def setup(
     net = wrap_for_ranks(model, world, dev, tc.sync_bn)  # the model itself in a world of one
     if world.rank:
         torch.manual_seed(tc.seed + RANK_SEED_STRIDE * world.rank)  # own dropout masks; weights came from rank 0
-    optimizer = make_optimizer(chosen.optimizer, model.parameters(), tc.lr, tc.betas, tc.weight_decay)
+    optimizer = make_optimizer(chosen.optimizer, model.parameters(), tc.lr, tc.betas, tc.weight_decay,
+                               in_backward=chosen.optimizer_in_backward)
 
     train_data, sampler, loader, schedule = _training_data(cfg, train_split, chosen, world, dev)
     total = schedule.total_steps
