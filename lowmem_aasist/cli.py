@@ -143,6 +143,8 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 def _fit_overrides(args: argparse.Namespace) -> dict:
     pairs = {
         "model.name": args.model,
+        "model.ssl_weights": args.ssl_weights,
+        "model.ssl_weights_trusted": args.ssl_weights_trusted,
         "train.epochs": args.epochs,
         "train.max_steps": args.max_steps,
         "train.batch": args.batch,
@@ -434,6 +436,11 @@ def _add_fit(sub: argparse._SubParsersAction, models: list[str], policies: tuple
     p.add_argument("--profile", help="TOML profile: a path or a name in profiles/ (default: the model's published "
                                      "recipe, or demo with --demo)")
     p.add_argument("--model", choices=models, help=f"model (overrides the profile; default {models[0]})")
+    p.add_argument("--ssl-weights", metavar="SOURCE",
+                   help="XLSR-AASIST: initialise the wav2vec 2.0 front end from a fairseq xlsr2_300m.pt, a fine-tuned "
+                        "SSL_Anti-spoofing checkpoint, a Hugging Face folder or hub id (pip install -e '.[ssl]')")
+    p.add_argument("--ssl-weights-trusted", action="store_true", default=None,
+                   help="unpickle the --ssl-weights file fully (only for a file you trust)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--batch", type=int, help="utterances per optimizer step (paper: 24)")
@@ -593,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     from .memory.optim import OptimizerError
     from .memory.plan import NoPlanError
     from .metrics import ScoreFileError
-    from .models import WeightsError
+    from .models import MissingDependencyError, WeightsError
     from .train import RunFolderError
 
     args = get_parser().parse_args(_attach_dashed_values(sys.argv[1:] if argv is None else argv))
@@ -601,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
 
     enable_expandable_segments()  # before anything touches CUDA
     usage_errors = (CLIError, ConfigError, DeviceError, RunFolderError, BudgetError, NoPlanError, OptimizerError,
-                    LayoutError, ResumeError, EvalResumeError, SpecError)
+                    LayoutError, ResumeError, EvalResumeError, SpecError, MissingDependencyError)
     try:
         return COMMANDS[args.command](args)
     except usage_errors as exc:

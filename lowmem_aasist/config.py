@@ -46,7 +46,12 @@ def checkpoint_policies() -> tuple[str, ...]:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = "AASIST"
-    """The model family (lowmem_aasist.models.FAMILIES): AASIST or AASIST-L."""
+    """The model family (lowmem_aasist.models.FAMILIES): AASIST, AASIST-L, XLSR-AASIST (XLSR-AASIST-tiny: tests)."""
+    ssl_weights: str = ""
+    """XLSR-AASIST only: initialise the wav2vec 2.0 front end from a fairseq .pt, a fine-tuned SSL_Anti-spoofing
+    checkpoint, a Hugging Face folder or hub id (fit --ssl-weights); empty: random initialisation."""
+    ssl_weights_trusted: bool = False
+    """Unpickle the --ssl-weights file fully (only for files you trust); otherwise only tensors and known configs."""
 
     def validate(self) -> list[str]:
         from .models import FAMILIES

@@ -13,12 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from .aasist import FAMILIES as _AASIST_FAMILIES
-from .family import InputSpec, ModelFamily, Section, WeightsError
+from .family import InputSpec, MissingDependencyError, ModelFamily, Section, WeightsError
+from .ssl_aasist import FAMILIES as _SSL_FAMILIES
 
 __all__ = [
     "FAMILIES",
     "InputSpec",
     "Loaded",
+    "MissingDependencyError",
     "ModelFamily",
     "Section",
     "WeightsError",
@@ -29,10 +31,12 @@ __all__ = [
     "get_family",
     "load",
     "load_model",
+    "load_ssl_front_end",
 ]
 
-FAMILIES: dict[str, ModelFamily] = {**_AASIST_FAMILIES}
-"""Every model ``--model`` accepts, by name."""
+FAMILIES: dict[str, ModelFamily] = {**_AASIST_FAMILIES, **_SSL_FAMILIES}
+"""Every model ``--model`` accepts, by name. The XLSR-AASIST families need the ``ssl`` extra (transformers) only
+when a model is built."""
 
 
 def _known() -> str:
@@ -67,8 +71,18 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def detect_family(state: dict[str, Tensor]) -> ModelFamily | None:
-    """The family whose parameter names and shapes match ``state`` exactly, else None."""
-    return next((f for f in FAMILIES.values() if f.matches(state)), None)
+    """The family whose parameter names and shapes match ``state`` exactly (in the model's own names, or in another
+    layout the family converts, such as the published XLSR-AASIST files'), else None. WeightsError when ``state`` is
+    recognisably a family's published layout but a tensor is missing, unexpected or misshapen."""
+    return next((f for f in FAMILIES.values() if f.adopt(state) is not None), None)
+
+
+def load_ssl_front_end(model: nn.Module, source: str | Path, trusted: bool = False) -> list[str]:
+    """Initialise an XLSR-AASIST model's wav2vec 2.0 front end from a fairseq checkpoint, a Hugging Face folder or hub
+    id (``fit --ssl-weights``); see :func:`.ssl_weights.load_ssl_front_end`. Returns notes, one line each."""
+    from .ssl_weights import load_ssl_front_end as _load
+
+    return _load(model, source, trusted=trusted)
 
 
 class Loaded(NamedTuple):
@@ -85,10 +99,12 @@ def _state_dict_of(obj: object) -> dict[str, Tensor] | None:
     return None
 
 
-def load(path: str | Path, name: str = "auto", map_location: str | torch.device = "cpu") -> Loaded:
+def load(path: str | Path, name: str = "auto", map_location: str | torch.device = "cpu",
+         notes: list[str] | None = None) -> Loaded:
     """Build the model of ``path``'s weights (a published state dict or a run checkpoint) and load them strictly,
     in eval mode. ``name`` forces a family; ``auto`` recognises it by tensor names and shapes. Raises
-    WeightsError (one line naming the file)."""
+    WeightsError (one line naming the file). ``notes``, when given, receives one line per thing dropped on the way
+    (the pre-training-only tensors of the published XLSR-AASIST files)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
@@ -100,7 +116,11 @@ def load(path: str | Path, name: str = "auto", map_location: str | torch.device 
     state = _state_dict_of(obj)
     if state is None:
         raise WeightsError(f"{path}: not an {_known()} state dict (expected a dict of tensors)")
-    detected = detect_family(state)
+    try:
+        adopted = {f.name: a for f in FAMILIES.values() if (a := f.adopt(state)) is not None}
+    except WeightsError as exc:
+        raise WeightsError(f"{path}: {exc}") from None
+    detected = FAMILIES[next(iter(adopted))] if adopted else None
     if name == "auto":
         if detected is None:
             raise WeightsError(f"{path}: not an {_known()} state dict (keys or tensor shapes differ)")
@@ -112,8 +132,11 @@ def load(path: str | Path, name: str = "auto", map_location: str | torch.device 
         if detected is not chosen:
             found = detected.name if detected else "none of the known models"
             raise WeightsError(f"{path}: weights are {found}, but --model {name} was asked; use --model auto")
+    own, dropped = adopted[chosen.name]
     model = chosen.build()
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(own, strict=True)
+    if notes is not None:
+        notes.extend(dropped)
     return Loaded(model.eval(), chosen)
 
 

@@ -26,6 +26,10 @@ class WeightsError(Exception):
     """A weights or checkpoint file that cannot be used; the message is one line naming the file."""
 
 
+class MissingDependencyError(ImportError):
+    """A family needs an optional package that is not installed; the message is one line saying what to install."""
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """The waveform a family takes and how it is scored."""
@@ -76,6 +80,13 @@ class ModelFamily:
     never_trained: Callable[[str], bool] = lambda name: False
     """Parameters that receive no gradient by construction (frozen under DistributedDataParallel)."""
     sections: tuple[Section, ...] = ()
+    convert_state: Callable[[Mapping[str, Tensor]], tuple[dict[str, Tensor], tuple[str, ...]] | None] | None = field(
+        default=None, repr=False)
+    """For a family whose weights also come in another layout (the published files' names, a ``module.`` prefix):
+    ``state`` renamed to the model's own names, with one note per thing dropped on the way, or None when ``state``
+    is plainly not this family's (decided cheaply: no build, no optional import). A state that is recognisably this
+    family's but has a missing, unexpected or misshapen tensor raises WeightsError naming it. Without this, a state
+    is this family's only when its names and shapes are exactly the model's."""
 
     def policies(self) -> Mapping[str, Policy]:
         return _policies(self)
@@ -92,6 +103,16 @@ class ModelFamily:
     def matches(self, state: Mapping[str, Tensor]) -> bool:
         """Whether ``state`` has exactly this family's parameter and buffer names and shapes."""
         return self.expected_shapes() == {k: tuple(v.shape) for k, v in state.items()}
+
+    def adopt(self, state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], tuple[str, ...]] | None:
+        """``state`` in this model's own names, ready for a strict ``load_state_dict``, with notes on what was
+        dropped; None when it is not this family's weights."""
+        if self.convert_state is None:
+            return (dict(state), ()) if self.matches(state) else None
+        converted = self.convert_state(state)
+        if converted is None or not self.matches(converted[0]):
+            return None
+        return converted
 
 
 # Families are frozen and compared by identity of their callables, so caching on the entry itself is safe.

@@ -35,7 +35,7 @@ from ..memory.enforce import enforce_budget
 from ..memory.engine import RunPlan, dev_batch_within, plan_run, prepare_model
 from ..memory.fused_step import fused_step_problems
 from ..memory.optim import make_optimizer
-from ..models import ModelFamily, count_parameters, get_family
+from ..models import ModelFamily, count_parameters, get_family, load_ssl_front_end
 from ..storage import atomic_write_json, atomic_write_text
 from .features import Feature, JsonlLogger, Logger, NullLogger
 from .state import RANK_SEED_STRIDE, ProblemLog, Schedule, TrainState, restore
@@ -215,7 +215,15 @@ def setup(
     plan_record = _write_run_files(cfg, out, chosen, dev, world, console)
 
     seed_everything(tc.seed)
-    model = family.build().to(dev)
+    model = family.build()
+    if cfg.model.ssl_weights and not resume:  # a resume has every weight in last.pt
+        try:
+            notes = load_ssl_front_end(model, cfg.model.ssl_weights, cfg.model.ssl_weights_trusted)
+        except TypeError as exc:  # a family without a wav2vec 2.0 front end
+            raise ConfigError(str(exc)) from None
+        for note in notes:
+            console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    model = model.to(dev)
     prepare_model(model, chosen.checkpoint, tc.channels_last)
     net = wrap_for_ranks(model, world, dev, tc.sync_bn)  # the model itself in a world of one
     if world.rank:
