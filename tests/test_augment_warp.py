@@ -9,19 +9,14 @@ import numpy as np
 import pytest
 
 from lowmem_aasist.augment import warp
-from lowmem_aasist.augment.base import REGISTRY, Params, SpecError, _split_part, item_rng, parse_spec
+from lowmem_aasist.augment.base import SpecError, build_step, item_rng, parse_spec
 
 SR = 16_000
 
 
 def build(part: str):
     """One spec part built as parse_spec builds it (without importing the other augmentation modules)."""
-    name, positional, keywords = _split_part(part)
-    params = Params(part, name, positional, keywords)
-    params.number("p", 1.0, 0.0, 1.0)
-    built = REGISTRY[name][0](params)
-    params.done()
-    return built
+    return build_step(part).augment
 
 
 def tone(hz: float, seconds: float, sr: int = SR) -> np.ndarray:

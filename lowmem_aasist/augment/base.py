@@ -208,13 +208,18 @@ def parse_spec(spec: str) -> Chain:
     for part in (p.strip() for p in text.split("+")):
         if not part:
             raise SpecError(f"--augment {spec!r}: an empty part (two '+' in a row, or one at an end)")
-        name, positional, keywords = _split_part(part)
-        if name not in REGISTRY:
-            raise SpecError(f"--augment part {part!r}: unknown augmentation {name!r}; choose from "
-                            f"{', '.join(sorted(REGISTRY))}")
-        params = Params(part, name, positional, keywords)
-        p = params.number("p", 1.0, 0.0, 1.0)
-        built = REGISTRY[name][0](params)
-        params.done()
-        steps.append(Step(name, built, p))
+        steps.append(build_step(part))
     return Chain(tuple(steps), text)
+
+
+def build_step(part: str) -> Step:
+    """One part of a spec (``name:arguments``) as a chain step; the registering modules must be imported."""
+    name, positional, keywords = _split_part(part)
+    if name not in REGISTRY:
+        raise SpecError(f"--augment part {part!r}: unknown augmentation {name!r}; choose from "
+                        f"{', '.join(sorted(REGISTRY))}")
+    params = Params(part, name, positional, keywords)
+    p = params.number("p", 1.0, 0.0, 1.0)
+    built = REGISTRY[name][0](params)
+    params.done()
+    return Step(name, built, p)
