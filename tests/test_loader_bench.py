@@ -1,8 +1,9 @@
-"""benchmarks/loader.py in short: the rows it reports, both reading methods yielding the same crops, and the
-training input's peak memory staying flat as the corpus grows."""
+"""benchmarks/loader.py in short: the rows it reports, both reading methods yielding the same crops, the training
+input's peak memory staying flat as the corpus grows, and --augment measuring the augmented loader fit builds."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ import pytest
 import soundfile as sf
 from conftest import load_benchmark
 
+from lowmem_aasist.augment.base import parse_spec
+from lowmem_aasist.data.dataset import TrainCrops
 from lowmem_aasist.data.load import load_split
 
 MiB = 2**20
@@ -84,6 +87,53 @@ def test_markdown_reports_growth_per_method_and_workers() -> None:
     assert "| lowmem | 2 | 64,600 | 100 -> 1,500 | +14.0 | +0.0 |" in text
     assert text.count(" -> 1,500 |") == 4
     assert "python loader.py 1500" in text
+
+
+def test_augment_option_measures_the_augmented_loader(tiny: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # The whole command line, fresh measuring process included (~4 s): the spec must reach the dataset that is read,
+    # whose own spec is what the row records.
+    out, md = tmp_path / "aug.jsonl", tmp_path / "aug.md"
+    bench.main(["--data", str(tiny), "--crop", "4000", "--samples", "8", "--batch", "4", "--workers", "0",
+                "--augment", "rawboost:5", "--json", "--out", str(out), "--markdown", str(md)])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["augment"] for r in printed] == [r["augment"] for r in bench.read_jsonl(out)] == ["rawboost:5"]
+    row = printed[0]
+    assert (row["method"], row["workers"], row["samples"]) == ("lowmem", 0, 8)
+    assert row["samples_per_s"] > 0 and row["peak_rss_bytes"] > 0
+    assert "| lowmem | `rawboost:5` | 0 | 12 | 4,000 |" in md.read_text()
+
+
+def test_augmented_dataset_is_what_fit_builds(tiny: Path) -> None:
+    split = load_split(tiny, "train").split
+    chain = parse_spec("rawboost:5")
+    measured = bench.make_dataset("lowmem", split, 4_000, 7, chain)
+    fit_built, plain = TrainCrops(split, 4_000, 7, augment=chain), bench.make_dataset("lowmem", split, 4_000, 7)
+    for key in [(0, 0), (5, 2)]:
+        np.testing.assert_array_equal(measured[key][1], fit_built[key][1])
+        assert not np.array_equal(measured[key][1], plain[key][1])
+    with pytest.raises(ValueError, match="lowmem"):
+        bench.make_dataset("whole-file", split, 4_000, 7, chain)
+
+
+def test_markdown_adds_the_augment_column_only_for_augmented_rows() -> None:
+    def row(spec: str | None, workers: int = 0, folder: int = 0) -> dict:
+        r = {"device": "cpu x", "method": "lowmem", "workers": workers, "files": 100, "crop": 16_000, "batch": 24,
+             "samples": 600, "samples_per_s": 50.0, "peak_rss_bytes": (300 + folder // 100) * MiB,
+             "peak_pss_bytes": 200 * MiB, "index_s": 0.01, "clips_shorter_than_crop": 0.0, "torch": "t",
+             "command": "python loader.py"}
+        if folder:
+            r["augment_folders"] = [{"step": "noise", "dir": f"/n{folder}", "files": folder, "synthetic": None}]
+        return r if spec is None else {**r, "augment": spec}
+
+    old = bench.markdown([row(None), row(None, 2)])  # lines written before --augment existed
+    assert "| method | workers |" in old and "augment" not in old
+    assert old == bench.markdown([row(""), row("", 2)])
+    text = bench.markdown([row(None), row("rawboost:5"), row("noise:dir=/n200,snr=5", 2, 200),
+                           row("noise:dir=/n2000,snr=5", 2, 2_000)])
+    assert "| method | augment | workers |" in text
+    assert "| lowmem | none | 0 | 100 | 16,000 |" in text and "| lowmem | `rawboost:5` | 0 | 100 |" in text
+    assert "| lowmem | `noise:dir=*,snr=5` | 2 | 16,000 | 100 | 200 -> 2,000 | 302.0 -> 320.0 (+18.0) |" in text
 
 
 def _write_sized(root: Path, n: int) -> Path:
