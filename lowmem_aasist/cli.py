@@ -279,15 +279,18 @@ def cmd_probe(args: argparse.Namespace) -> int:
     from .memory.engine import plan_run
     from .models import get_family
     from .progress import progress_bar
+    from .train.setup import synthetic_data_path
 
     device = resolve_device(args.device)
     recipe = load_config(get_family(args.model).profile).train  # what --batch and --crop default to
     batch, crop = args.batch or recipe.batch, args.crop or recipe.crop
+    data_path = synthetic_data_path(args.augment, crop, batch)  # a bad spec stops here, before any calibration
     out = _stdout()
     with progress_bar(_stderr(), "calibrating", None) as bar:
         run = plan_run(args.model, device, args.budget, batch, crop, args.precision, args.checkpoint,
                        args.optimizer, args.micro_batch,
-                       on_progress=lambda t: bar.advance(1, status=f"{t.precision} {t.checkpoint}"))
+                       on_progress=lambda t: bar.advance(1, status=f"{t.precision} {t.checkpoint}"),
+                       data_path=data_path)
     for warning in run.warnings:
         _stderr().print(f"warning: {warning}")
     if args.json:
@@ -505,6 +508,9 @@ def _add_probe(sub: argparse._SubParsersAction, models: list[str], policies: tup
     p.add_argument("--micro-batch", type=int, default=0, help="force the micro-batch (must divide --batch)")
     p.add_argument("--json", action="store_true", help="one JSON object: device, budget_bytes, plan, candidates")
     p.add_argument("--explain", action="store_true", help="where memory goes, per module, and what each technique saves")
+    p.add_argument("--augment", default="", metavar="SPEC",
+                   help="the augmentation fit will run (as fit --augment): on a CPU, where fit reads and augments in "
+                        "the training process, its memory is counted in the plan and its time reported")
 
 
 def _add_check_data(sub: argparse._SubParsersAction) -> None:

@@ -101,3 +101,36 @@ def test_dev_scoring_under_a_budget_uses_the_largest_batch_that_fits():
     cost = inference_cost("AASIST-L", CROP, "fp32", engine.torch.device("cpu"))
     assert dev_batch_within(dataclasses.replace(run, budget_bytes=cost.peak(3) + 1), CROP, "fp32", 16) == 3
     assert dev_batch_within(dataclasses.replace(run, budget_bytes=cost.peak(64)), CROP, "fp32", 16) == 16
+
+
+def test_the_data_path_is_counted_in_the_plan_and_its_time_set_against_the_step(monkeypatch):
+    """Hand-derived: live 10 + 100 x mb MiB, resident extra 300 + 40 x mb, the planning process adds nothing.
+    2,200 MiB with the 5% margin leaves 2,090: micro-batch 12 needs 310 + 140 x 12 = 1,990 and fits; with 200 MiB
+    of data path it needs 2,190 and does not, so the plan drops to 8 (1,630 MiB with the data path)."""
+    from lowmem_aasist.memory import measure
+    from lowmem_aasist.memory.plan import DataPath
+
+    fake, _ = _fake_points({"none": 40})
+
+    def timed(*args):
+        key, measured = fake(*args)
+        for p in measured["points"]:  # 1 s + 0.5 s per utterance: 0.625 s per utterance at micro-batch 8
+            p["seconds"] = 1.0 + 0.5 * p["micro_batch"]
+        return key, measured
+
+    monkeypatch.setattr(engine, "_cpu_measured", timed)
+    monkeypatch.setattr(measure, "rss_now", lambda: 0)
+    family = get_family("AASIST")
+    facts, limits = device_facts(engine.torch.device("cpu")), model_limits(family)
+
+    def plan(data_path):
+        return plan_cpu(facts, "AASIST", [Technique("bf16", "none")], 2200 * MiB, 24, 64_600, limits,
+                        data_path=data_path)
+
+    bare, _, _ = plan(None)
+    assert bare.micro_batch == 12 and bare.predicted_peak_bytes == 1990 * MiB
+    chosen, candidates, calibration = plan(DataPath("rawboost:5", 200 * MiB, 0.05))
+    assert chosen.micro_batch == 8 and chosen.predicted_peak_bytes == 1630 * MiB and candidates[0] == chosen
+    assert chosen.notes[-1] == ("data path in the training process (rawboost:5): 200.0 MiB counted in the peak, "
+                                "50.0 ms per utterance = 8.0% on the calibration steps' 0.62 s per utterance")
+    assert calibration.to_dict()["data_path"] == {"augment": "rawboost:5", "bytes": 200 * MiB, "seconds_per_item": 0.05}

@@ -314,3 +314,18 @@ def test_features_and_loggers_enter_as_objects_and_resume_with_the_run(corpus, t
     resumed = Counting(stop_after_evals=2)
     assert fit(_quick_cfg(corpus, epochs=3), out, resume=True, features=[resumed]).epochs == 2
     assert resumed.steps == 12 and len(resumed.evals) == 2 and resumed.evals[0] == counting.evals[0]
+
+
+def test_a_cpu_budget_measures_and_counts_the_augmented_data_path(corpus, tmp_path):
+    # Under a CPU budget fit reads and augments in the training process: the plan measures one batch of it and
+    # counts it, and says so in plan.json and the plan's notes.
+    cfg = load_config("demo", {"data.root": str(corpus), "train.crop": 4000, "train.batch": 4, "train.workers": 0,
+                               "train.max_steps": 1, "train.precision": "fp32", "data.eval_samples": 4000,
+                               "data.dev_batch": 8, "data.augment": "gain:db=-3-3", "memory.budget": "1.5GB",
+                               "memory.checkpoint": "none"})
+    result = fit(cfg, tmp_path / "run", device="cpu")
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    data_path = plan["overheads"]["data_path"]
+    assert data_path["augment"] == "gain:db=-3-3" and data_path["bytes"] >= 0 and data_path["seconds_per_item"] > 0
+    assert any(n.startswith("data path in the training process (gain:db=-3-3)") for n in plan["plan"]["notes"])
+    assert result.peak_bytes <= 1.5 * 2**30

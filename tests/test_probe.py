@@ -60,9 +60,17 @@ def test_probe_json_schema_and_fit(capsys):
 
 
 def test_probe_table(capsys):
-    assert main(["probe", "--budget", "2GB", "--checkpoint", "none", *FAST]) == 0
+    assert main(["probe", "--budget", "2GB", "--checkpoint", "none", "--augment", "rawboost:3", *FAST]) == 0
     text = capsys.readouterr().out
     assert "plan: micro-batch" in text and "predicted peak" in text and "GB means GiB" in text
+    # fit on a CPU reads and augments in the training process: the probe measures that too and says so.
+    assert "data path in the training process (rawboost:3)" in text
+
+
+def test_probe_refuses_a_bad_augmentation_before_calibrating(capsys):
+    assert main(["probe", "--budget", "2GB", "--augment", "rawboost:0", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "rawboost:0" in err
 
 
 PROFILES = sorted(PROFILES_DIR.glob("*.toml"))

@@ -26,7 +26,18 @@ from ..models import ModelFamily, build_model, family_of, get_family
 from ..storage import atomic_write_json
 from .device import DeviceFacts
 from .inference import InferenceCost, inference_cost
-from .plan import CPU_MARGIN, REF_CROP, Cost, ModelLimits, NoPlanError, Overheads, Plan, Technique, best_plan
+from .plan import (
+    CPU_MARGIN,
+    REF_CROP,
+    Cost,
+    DataPath,
+    ModelLimits,
+    NoPlanError,
+    Overheads,
+    Plan,
+    Technique,
+    best_plan,
+)
 from .techniques import apply_channels_last, apply_checkpointing, apply_lean_pooling
 
 CACHE_VERSION = 8
@@ -127,6 +138,8 @@ class Calibration:
     """Techniques not measured because even their best case could not beat a plan already found."""
     sources: dict = field(default_factory=dict, compare=False, repr=False)
     """CPU: (precision, policy) -> (cache key, process extra, cache file) of the measurements behind its overheads."""
+    data_path: DataPath | None = None
+    """CPU: the data path counted in every overhead (its bytes are part of each ``base_bytes``)."""
 
     def to_dict(self) -> dict:
         return {
@@ -137,6 +150,7 @@ class Calibration:
             },
             "how": self.note,
             "not_measured": [label((t.precision, t.checkpoint)) for t in self.skipped],
+            **({"data_path": self.data_path.to_dict()} if self.data_path else {}),
         }
 
 
@@ -199,7 +213,7 @@ def _cpu_measured(facts: DeviceFacts, model_name: str, t: Technique, crop: int, 
     if key not in stored:
         jobs = [Job(model_name, t.checkpoint, t.precision, crop, mb, channels_last) for mb in (smallest, CPU_CALIBRATION_LEVER * smallest)]
         stored[key] = {"points": [{"micro_batch": p.job.micro_batch, "rss_start": p.rss_start, "rss_peak": p.rss_peak,
-                                   "live_peak": p.live_peak} for p in measure(jobs)]}
+                                   "live_peak": p.live_peak, "seconds": p.seconds} for p in measure(jobs)]}
     return key, stored[key]
 
 
@@ -270,10 +284,12 @@ def plan_cpu(
     channels_last: bool = False,
     cache: Path | None = None,
     on_progress: Callable[[Technique], None] | None = None,
+    data_path: DataPath | None = None,
 ) -> tuple[Plan, list[Plan], Calibration]:
     """Measure techniques best case first, and stop as soon as the best remaining one could not beat the plan found
     (its cost at the largest micro-batch, the cheapest it can be, is no better): a budget that fits the fastest
-    technique never measures the others."""
+    technique never measures the others. ``data_path`` (a batch read and augmented in this process, measured) is
+    counted in every technique's fixed overhead, as a part of what the process holds beyond a fresh worker."""
     from .measure import rss_now
     from .plan import plan_candidates, relative_cost
 
@@ -283,6 +299,7 @@ def plan_cpu(
     costs: dict[Technique, Cost] = {}
     overheads: dict[tuple[str, str], Overheads] = {}
     sources: dict[tuple[str, str], tuple[str, int, Path]] = {}
+    timed: dict[tuple[str, str], list[dict]] = {}
     skipped: list[Technique] = []
     plans: list[Plan] = []
     rss_before = rss_now()
@@ -293,16 +310,36 @@ def plan_cpu(
         key, measured = _cpu_measured(facts, model_name, t, crop, channels_last, limits.min_micro_batch, stored)
         _store_cache(cache, stored)
         process_extra = max(rss_before - min(p["rss_start"] for p in measured["points"] if "rss_start" in p), 0)
+        process_extra += data_path.bytes if data_path else 0
         costs[t], overheads[(t.precision, t.checkpoint)] = cpu_cost(measured, t, model_name, crop, process_extra)
         sources[(t.precision, t.checkpoint)] = (key, process_extra, cache)
+        timed[(t.precision, t.checkpoint)] = measured["points"]
         if on_progress:
             on_progress(t)
         plans = plan_candidates(budget_bytes, costs, overheads, effective_batch, crop, limits, CPU_MARGIN, micro_batch)
     plan, candidates = best_plan(budget_bytes, costs, overheads, effective_batch, crop, limits, micro_batch, CPU_MARGIN)
+    if data_path is not None:
+        points = timed[(plan.precision, plan.checkpoint)]
+        plan = dataclasses.replace(plan, notes=(*plan.notes, data_path_note(data_path, points, plan)))
+        candidates[0] = plan
     lo = limits.min_micro_batch
     note = (f"process RSS beyond live tensors, per technique, from real steps at micro-batch {lo} and {CPU_CALIBRATION_LEVER * lo}, crop "
             f"{crop:,}, each in a fresh process")
-    return plan, candidates, Calibration(overheads, note, tuple(skipped), sources)
+    return plan, candidates, Calibration(overheads, note, tuple(skipped), sources, data_path)
+
+
+def data_path_note(data_path: DataPath, points: list[dict], plan: Plan) -> str:
+    """One line on what the data path costs the planned run: its memory (counted) and its time against the step's,
+    the step time per sample read off the calibration's measured steps at the planned micro-batch."""
+    line = (f"data path in the training process ({data_path.what}): {data_path.bytes / 2**20:,.1f} MiB counted in the "
+            f"peak, {1000 * data_path.seconds_per_item:,.1f} ms per utterance")
+    timed = [(p["micro_batch"], p["seconds"]) for p in points if "seconds" in p]
+    if len({mb for mb, _ in timed}) >= 2:
+        fixed, slope = _line(timed)
+        step = (fixed + slope * plan.micro_batch) / plan.micro_batch
+        if step > 0:
+            line += f" = {100 * data_path.seconds_per_item / step:.1f}% on the calibration steps' {step:.2f} s per utterance"
+    return line
 
 
 @dataclass(frozen=True)
@@ -347,8 +384,12 @@ def plan_run(
     micro_batch: int = 0,
     channels_last: bool = False,
     on_progress: Callable[[Technique], None] | None = None,
+    data_path: Callable[[], DataPath] | None = None,
 ) -> RunPlan:
-    """Read the device, resolve the budget, calibrate, and plan. Raises BudgetError or NoPlanError (one line)."""
+    """Read the device, resolve the budget, calibrate, and plan. Raises BudgetError or NoPlanError (one line).
+    ``data_path`` measures what reading and augmenting a batch costs this process: on the CPU, where ``fit --budget``
+    reads in the training process, it is measured and counted; on CUDA the data workers' host memory is not the
+    budget's."""
     from .budget import resolve_budget
     from .device import device_facts
 
@@ -359,7 +400,8 @@ def plan_run(
     limits = model_limits(family)
     if device.type == "cpu":
         plan, candidates, calibration = plan_cpu(facts, model_name, techniques, budget_bytes, effective_batch, crop,
-                                                 limits, micro_batch, channels_last, on_progress=on_progress)
+                                                 limits, micro_batch, channels_last, on_progress=on_progress,
+                                                 data_path=data_path() if data_path else None)
     else:
         costs = technique_costs(model_name, techniques, channels_last, on_progress=on_progress)
         calibration = calibrate_cuda(facts, device, model_name, sorted({t.precision for t in techniques}), crop)

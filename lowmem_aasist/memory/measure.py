@@ -216,6 +216,27 @@ def rss_peak() -> int | None:
     return _status_kib("VmHWM:")
 
 
+def measure_data_path(read_batch: Callable[[], object], items: int) -> tuple[int, float]:
+    """(resident bytes, seconds per item) of ``read_batch``: its resident peak above the level the process settles
+    at, holding what it returns, as a CPU run holds a batch through its steps. A first call loads libraries and fills
+    caches; what stays of it is the process's own, which the planner counts with the process. The planner's
+    allocator settings apply (freed blocks go back at once), so heap kept from the first call cannot hide the
+    second one's peak."""
+    from .enforce import release_freed_memory_promptly
+
+    release_freed_memory_promptly()
+    read_batch()
+    gc.collect()
+    start = rss_now()
+    resettable = reset_rss_peak()
+    t0 = time.perf_counter()
+    held = read_batch()
+    seconds = time.perf_counter() - t0
+    peak = (rss_peak() if resettable else None) or rss_now()
+    del held
+    return max(peak - start, 0), seconds / max(items, 1)
+
+
 def _inputs_of(step: Callable[[], object]) -> tuple[Tensor, ...]:
     return tuple(getattr(step, "inputs", ()))
 

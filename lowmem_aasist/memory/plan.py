@@ -93,6 +93,24 @@ class Overheads:
     """CUDA: caching-allocator reserve and fragmentation, as a fraction of live tensor bytes."""
 
 
+@dataclass(frozen=True)
+class DataPath:
+    """What the training process's own data path holds under a CPU budget, where ``fit`` reads and augments in the
+    process rather than in worker processes: one batch of crops (the items and their collated tensor) and the
+    augmentation's temporaries, measured in the planning process (:func:`.measure.measure_data_path`). Counted in
+    every CPU plan's fixed overhead, though it peaks between steps rather than inside one: the safe side."""
+
+    what: str
+    """The augmentation spec, or "none"."""
+    bytes: int
+    """Resident peak of reading and augmenting one batch, above the process's settled level."""
+    seconds_per_item: float
+    """Time the process spends per training utterance outside the step."""
+
+    def to_dict(self) -> dict:
+        return {"augment": self.what, "bytes": self.bytes, "seconds_per_item": round(self.seconds_per_item, 6)}
+
+
 OverheadsArg = Overheads | Mapping[str, Overheads] | Mapping[tuple[str, str], Overheads]
 """One device's overheads: the same for every technique, per precision, or per (precision, checkpoint policy)
 (on the CPU, kernel scratch depends on what the policy recomputes and in what pieces)."""

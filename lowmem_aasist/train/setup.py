@@ -13,7 +13,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +21,12 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from ..augment.base import parse_spec
+from ..audio import SAMPLE_RATE
+from ..augment.base import item_rng, parse_spec
 from ..checkpoint import ResumeError, config_differences, load_checkpoint
 from ..config import Config, ConfigError
 from ..data.corpora import has_training_splits, resolve_layout
-from ..data.dataset import EpochSampler, TrainCrops, make_loader
+from ..data.dataset import EpochSampler, TrainCrops, collate, make_loader
 from ..data.index import IndexResult, check_max_bad
 from ..data.load import load_split, resampling_note
 from ..data.split import Split
@@ -34,7 +35,9 @@ from ..memory.device import resolve_device, resolve_precision
 from ..memory.enforce import enforce_budget
 from ..memory.engine import RunPlan, dev_batch_within, plan_run, prepare_model
 from ..memory.fused_step import fused_step_problems
+from ..memory.measure import measure_data_path
 from ..memory.optim import make_optimizer
+from ..memory.plan import DataPath
 from ..models import ModelFamily, count_parameters, get_family, load_ssl_front_end
 from ..storage import atomic_write_json, atomic_write_text
 from .features import Feature, JsonlLogger, Logger, NullLogger
@@ -115,11 +118,43 @@ class Resolved:
                 "optimizer_in_backward": self.optimizer_in_backward}
 
 
-def resolve(cfg: Config, family: ModelFamily, device: torch.device, world: World, rank_batch: int) -> Resolved:
+def data_path_of(data: TrainCrops, batch: int) -> Callable[[], DataPath]:
+    """What reading and augmenting one batch costs this process, measured on the first ``batch`` readable items as
+    the loader builds them (``fit --budget`` on a CPU reads in the training process)."""
+    keys = [(int(i), 0) for i in data.readable[:batch]]
+
+    def measure() -> DataPath:
+        nbytes, seconds = measure_data_path(lambda: collate([data[k] for k in keys], data.split.label), len(keys))
+        return DataPath(data.augment.spec or "none", nbytes, seconds)
+
+    return measure
+
+
+def synthetic_data_path(spec: str, crop: int, batch: int, seed: int = 0) -> Callable[[], DataPath]:
+    """:func:`data_path_of` without a corpus (``probe``): stand-in crops of noise at speech level, through the same
+    augmentation and collation."""
+    chain = parse_spec(spec)
+    waves = np.random.default_rng(seed).standard_normal((batch, crop), dtype=np.float32) * 0.1
+
+    def read_batch() -> torch.Tensor:
+        return torch.from_numpy(np.stack([chain(w.copy(), SAMPLE_RATE, item_rng(seed, 0, i)) for i, w in enumerate(waves)]))
+
+    def measure() -> DataPath:
+        nbytes, seconds = measure_data_path(read_batch, batch)
+        return DataPath(chain.spec or "none", nbytes, seconds)
+
+    return measure
+
+
+def resolve(cfg: Config, family: ModelFamily, device: torch.device, world: World, rank_batch: int,
+            train_split: Split | None = None) -> Resolved:
     tc, mc = cfg.train, cfg.memory
     if mc.budget:  # the budget is per GPU: the engine plans one rank's share of the batch
+        data_path = None
+        if train_split is not None:
+            data_path = data_path_of(TrainCrops(train_split, tc.crop, tc.seed, parse_spec(cfg.data.augment)), rank_batch)
         run = plan_run(family.name, device, mc.budget, rank_batch, tc.crop, tc.precision, mc.checkpoint,
-                       mc.optimizer, mc.micro_batch, tc.channels_last)
+                       mc.optimizer, mc.micro_batch, tc.channels_last, data_path=data_path)
         p = run.plan
         # CPU budgets count the whole process: decode in it rather than in extra worker processes.
         workers = 0 if device.type == "cpu" else tc.workers
@@ -211,7 +246,7 @@ def setup(
     world.barrier()  # every rank has looked at --out before rank 0 writes into it
     indexed = _index(cfg, console)
     train_split, dev_split = (ix.split for ix in indexed)
-    chosen = resolve(cfg, family, dev, world, rank_batch)
+    chosen = resolve(cfg, family, dev, world, rank_batch, train_split)
     plan_record = _write_run_files(cfg, out, chosen, dev, world, console)
 
     seed_everything(tc.seed)
