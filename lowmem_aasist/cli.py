@@ -17,6 +17,7 @@ from rich.table import Table
 from . import __version__
 from .config import checkpoint_policies
 from .data.corpora import LAYOUTS, PHASES
+from .data.split import CROP_FROM
 from .memory.plan import OPTIMIZERS, PRECISIONS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -149,6 +150,7 @@ def _fit_overrides(args: argparse.Namespace) -> dict:
         "train.max_steps": args.max_steps,
         "train.batch": args.batch,
         "train.crop": args.crop,
+        "train.crop_from": args.crop_from,
         "train.seed": args.seed,
         "train.lr": args.lr,
         "train.precision": args.precision,
@@ -448,6 +450,9 @@ def _add_fit(sub: argparse._SubParsersAction, models: list[str], policies: tuple
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--batch", type=int, help="utterances per optimizer step (paper: 24)")
     p.add_argument("--crop", type=int, help="training crop in samples at 16 kHz (paper: 64600)")
+    p.add_argument("--crop-from", choices=CROP_FROM,
+                   help="where the training crop starts: random (AASIST's recipe) or start, the first --crop samples "
+                        "of each recording (SSL_Anti-spoofing's; the xlsr-aasist profile sets it)")
     p.add_argument("--lr", type=float, help="peak learning rate (paper: 1e-4)")
     p.add_argument("--precision", choices=["auto", *PRECISIONS])
     p.add_argument("--seed", type=int)

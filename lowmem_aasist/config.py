@@ -15,6 +15,7 @@ from typing import Any
 
 from .data.corpora import LAYOUTS
 from .data.index import parse_max_bad
+from .data.split import CROP_FROM
 from .memory.plan import OPTIMIZERS, PRECISIONS
 
 if sys.version_info >= (3, 11):
@@ -68,6 +69,9 @@ class TrainConfig:
     """Effective batch: utterances per optimizer step."""
     crop: int = 64_600
     """Training crop length in samples at 16 kHz."""
+    crop_from: str = "random"
+    """Where the training crop starts: "random" (a uniform window, AASIST's recipe) or "start" (the first ``crop``
+    samples of every recording, short ones tiled: SSL_Anti-spoofing's recipe)."""
     lr: float = 1e-4
     min_lr: float = 5e-6
     """Cosine decay per step from lr down to min_lr over the whole run."""
@@ -98,6 +102,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 errors.append(f"train.{name} must be >= 0, got {getattr(self, name)}")
         errors += _one_of("train.precision", self.precision, PRECISIONS, auto=True)
+        errors += _one_of("train.crop_from", self.crop_from, CROP_FROM)
         if not 0 < self.min_lr <= self.lr:
             errors.append(f"train.min_lr must be in (0, lr], got {self.min_lr} with lr {self.lr}")
         if self.workers < -1:

@@ -57,6 +57,8 @@ def test_all_errors_reported_at_once(tmp_path):
 def test_invalid_values_and_missing_profile(tmp_path):
     with pytest.raises(ConfigError, match="train.batch must be >= 1"):
         load_config(None, {"train.batch": 0})
+    with pytest.raises(ConfigError, match="train.crop_from must be one of random, start, got 'middle'"):
+        load_config(None, {"train.crop_from": "middle"})
     with pytest.raises(ConfigError, match="model.name must be one of"):
         load_config(None, {"model.name": "ResNet"})
     with pytest.raises(ConfigError, match="profile 'nope' not found"):

@@ -63,6 +63,18 @@ def test_train_items_are_windows_of_the_file(split):
     assert not np.array_equal(ds[(2, 1)][1], x)  # another epoch draws another start (1 chance in 3,001 to repeat)
 
 
+def test_crops_from_the_start_are_the_first_samples_in_every_epoch(split):
+    # SSL_Anti-spoofing's rule (train.crop_from = "start"): the first crop samples, short clips tiled.
+    ds = TrainCrops(split, crop=1000, seed=3, crop_from="start")
+    for epoch in (0, 1, 5):
+        _, x, _ = ds[(2, epoch)]
+        assert np.array_equal(x, read_audio(split.path[2])[:1000])
+        _, short, _ = ds[(1, epoch)]  # 500 samples, tiled twice
+        assert np.array_equal(short, np.tile(read_audio(split.path[1]), 2))
+    with pytest.raises(ValueError, match="crop_from must be one of random, start"):
+        TrainCrops(split, crop=1000, seed=3, crop_from="end")
+
+
 def test_bad_item_is_refilled_reported_and_deterministic(split, tmp_path):
     with open(split.path[0], "r+b") as f:  # corrupt u0 after indexing: its header still says 3000 samples
         f.seek(40)

@@ -70,6 +70,7 @@ def test_profile_is_the_published_recipe():
     cfg = load_config("xlsr-aasist")
     t = cfg.train
     assert (t.batch, t.crop, t.epochs, t.lr, t.min_lr, t.weight_decay) == (14, 64_600, 100, 1e-6, 1e-6, 1e-4)
+    assert t.crop_from == "start" and load_config("aasist").train.crop_from == "random"  # each paper's own rule
     assert t.class_weights == (0.1, 0.9) and t.precision == "fp32" and t.seed == 1234
     assert cfg.data.augment == "rawboost:5" and cfg.data.eval_samples == 64_600 and cfg.memory.optimizer == "adam"
 

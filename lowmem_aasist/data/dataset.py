@@ -20,7 +20,7 @@ from ..audio import SAMPLE_RATE, AudioError, audio_info, read_segment, tile
 from ..augment.base import NO_AUGMENTATION, Chain, item_rng
 from ..interrupt import ignore_sigint_in_worker
 from ..malloc import set_malloc_thresholds
-from .split import Split
+from .split import CROP_FROM, Split
 
 
 def crop_start(n_frames: int, crop: int, rng: np.random.Generator) -> int:
@@ -64,15 +64,20 @@ MAX_SUBSTITUTES = 8
 
 
 class TrainCrops(Dataset):
-    """Random ``crop``-sample windows of an indexed split; keys are (index, epoch) pairs from :class:`EpochSampler`.
+    """Random ``crop``-sample windows of an indexed split (or its first ``crop`` samples, ``crop_from="start"``); keys
+    are (index, epoch) pairs from :class:`EpochSampler`.
 
     An item that cannot be read is replaced by another readable utterance drawn from the same (seed, epoch,
     index) stream, so its batch stays full, nothing unreadable reaches the model, and the substitute is the
     same whatever the number of workers. The failure travels with the item so the trainer reports it.
     """
 
-    def __init__(self, split: Split, crop: int, seed: int, augment: Chain = NO_AUGMENTATION) -> None:
+    def __init__(self, split: Split, crop: int, seed: int, augment: Chain = NO_AUGMENTATION,
+                 crop_from: str = "random") -> None:
+        if crop_from not in CROP_FROM:
+            raise ValueError(f"crop_from must be one of {', '.join(CROP_FROM)}, got {crop_from!r}")
         self.split, self.crop, self.seed, self.augment = split, crop, seed, augment
+        self.from_start = crop_from == "start"
         self.frames = _frames(split)
         self.readable = np.flatnonzero(self.frames > 0)
 
@@ -81,7 +86,8 @@ class TrainCrops(Dataset):
 
     def _read(self, index: int, rng: np.random.Generator) -> np.ndarray:
         n = int(self.frames[index])
-        return read_window(self.split.path[index], crop_start(n, self.crop, rng), self.crop, n)
+        start = 0 if self.from_start else crop_start(n, self.crop, rng)
+        return read_window(self.split.path[index], start, self.crop, n)
 
     def _augmented(self, wave: np.ndarray, epoch: int, index: int) -> np.ndarray:
         # Its own stream, keyed like the crop's: switching augmentation on moves no crop, and a substitute for an

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+CROP_FROM = ("random", "start")
+"""Where a training crop starts (``train.crop_from``): a uniform random window, or the recording's first samples."""
+
 BONAFIDE, SPOOF, UNLABELED = 1, 0, -1
 """Labels as the published weights use them; ``UNLABELED`` for evaluation sets without keys."""
 

@@ -152,7 +152,8 @@ def resolve(cfg: Config, family: ModelFamily, device: torch.device, world: World
     if mc.budget:  # the budget is per GPU: the engine plans one rank's share of the batch
         data_path = None
         if train_split is not None:
-            data_path = data_path_of(TrainCrops(train_split, tc.crop, tc.seed, parse_spec(cfg.data.augment)), rank_batch)
+            data = TrainCrops(train_split, tc.crop, tc.seed, parse_spec(cfg.data.augment), tc.crop_from)
+            data_path = data_path_of(data, rank_batch)
         run = plan_run(family.name, device, mc.budget, rank_batch, tc.crop, tc.precision, mc.checkpoint,
                        mc.optimizer, mc.micro_batch, tc.channels_last, data_path=data_path)
         p = run.plan
@@ -204,7 +205,7 @@ def _write_run_files(cfg: Config, out: Path, chosen: Resolved, device: torch.dev
 def _training_data(cfg: Config, split: Split, chosen: Resolved, world: World, device: torch.device):
     """Streaming crops, this rank's sampler and loader, and the step schedule of the whole recipe."""
     tc = cfg.train
-    train_data = TrainCrops(split, chosen.crop, tc.seed, parse_spec(cfg.data.augment))
+    train_data = TrainCrops(split, chosen.crop, tc.seed, parse_spec(cfg.data.augment), tc.crop_from)
     sampler = EpochSampler(train_data.readable, tc.seed, tc.batch, world.rank, world.size)
     loader = make_loader(train_data, tc.batch // world.size, chosen.workers, sampler, device.type == "cuda")
     # Whole batches only, as the reference recipe: a last batch of one utterance could not train at all.
