@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .data.dataset import EvalInputs, make_loader
+from .data.index import IndexResult
 from .data.load import load_split, resampling_note
 from .data.split import BONAFIDE, SPOOF, UNLABELED, Split
 from .memory.device import resolve_device, resolve_precision
@@ -251,6 +252,40 @@ def _score_batch(b, todo: np.ndarray, split: Split, scores: np.ndarray, net: tor
         appender.write([f"{i}\t{v!r}\t{split.utt[i]}\n" for i, v in zip(where.tolist(), values.tolist(), strict=True)])
 
 
+@dataclass(frozen=True)
+class _Scoring:
+    device: torch.device
+    precision: str
+    samples: int
+    batch: int
+    workers: int
+
+
+def _score_remaining(indexed: IndexResult, scores: np.ndarray, net: torch.nn.Module, how: _Scoring, partial: Path,
+                     problems: _Problems, label: str, console: Console) -> None:
+    """Fill the non-finite entries of ``scores`` (appending each batch to ``partial`` as it is scored), except for
+    files the index found bad: those never reach the loader and are reported with the index's reason."""
+    sp = indexed.split
+    bad = np.zeros(len(sp), dtype=bool)
+    for p in indexed.problems:
+        if not np.isfinite(scores[p.index]):
+            bad[p.index] = True
+            problems.report(p.index, f"{p.path}: {p.reason}")
+    todo = np.flatnonzero(~np.isfinite(scores) & ~bad)
+    try:
+        with _appending(partial) as appender, progress_bar(console, label, len(todo)) as bar:
+            loader = make_loader(EvalInputs(sp.subset(todo), how.samples), how.batch, how.workers,
+                                 pin_memory=how.device.type == "cuda") if len(todo) else ()
+            for b in loader:
+                _score_batch(b, todo, sp, scores, net, how.device, how.precision, appender, problems)
+                bar.advance(len(b.index) + len(b.problems))
+    except KeyboardInterrupt:
+        kept = int(np.isfinite(scores).sum())
+        console.print(f"interrupted: {kept:,} scores kept in {partial}; run the same command again to resume",
+                      highlight=False)
+        raise
+
+
 def run_eval(
     root: str | Path,
     weights: str | Path,
@@ -316,26 +351,8 @@ def run_eval(
         console.print(f"resuming: {resumed:,} of {len(sp):,} already scored in {partial}", highlight=False)
 
     problems = _Problems(console)
-    # Files the index found bad never reach the loader; reported here with the index's reason.
-    bad = np.zeros(len(sp), dtype=bool)
-    for p in indexed.problems:
-        if not np.isfinite(scores[p.index]):
-            bad[p.index] = True
-            problems.report(p.index, f"{p.path}: {p.reason}")
-    todo = np.flatnonzero(~np.isfinite(scores) & ~bad)
-    try:
-        with _appending(partial) as appender, progress_bar(console, f"scoring {split}", len(todo)) as bar:
-            loader = make_loader(EvalInputs(sp.subset(todo), samples), plan.batch, workers,
-                                 pin_memory=dev.type == "cuda") if len(todo) else ()
-            for b in loader:
-                _score_batch(b, todo, sp, scores, net, dev, prec, appender, problems)
-                bar.advance(len(b.index) + len(b.problems))
-    except KeyboardInterrupt:
-        kept = int(np.isfinite(scores).sum())
-        console.print(f"interrupted: {kept:,} scores kept in {partial}; run the same command again to resume",
-                      highlight=False)
-        raise
-
+    _score_remaining(indexed, scores, net, _Scoring(dev, prec, samples, plan.batch, workers), partial, problems,
+                     f"scoring {split}", console)
     scored = write_score_file(out, sp, scores)
     problems_path = problems.write(out.with_name(out.name + ".problems.jsonl"), sp)
     partial.unlink(missing_ok=True)
