@@ -133,13 +133,16 @@ def data_path_of(data: TrainCrops, batch: int) -> Callable[[], DataPath]:
 def synthetic_data_path(spec: str, crop: int, batch: int, seed: int = 0) -> Callable[[], DataPath]:
     """:func:`data_path_of` without a corpus (``probe``): stand-in crops of noise at speech level, through the same
     augmentation and collation."""
-    chain = parse_spec(spec)
-    waves = np.random.default_rng(seed).standard_normal((batch, crop), dtype=np.float32) * 0.1
-
-    def read_batch() -> torch.Tensor:
-        return torch.from_numpy(np.stack([chain(w.copy(), SAMPLE_RATE, item_rng(seed, 0, i)) for i, w in enumerate(waves)]))
+    chain = parse_spec(spec)  # a bad spec fails here, before any calibration
 
     def measure() -> DataPath:
+        # Drawn only when measured (a CPU plan), never on CUDA, where the data path is not counted.
+        waves = np.random.default_rng(seed).standard_normal((batch, crop), dtype=np.float32) * 0.1
+
+        def read_batch() -> torch.Tensor:
+            return torch.from_numpy(np.stack([chain(w.copy(), SAMPLE_RATE, item_rng(seed, 0, i))
+                                              for i, w in enumerate(waves)]))
+
         nbytes, seconds = measure_data_path(read_batch, batch)
         return DataPath(chain.spec or "none", nbytes, seconds)
 
