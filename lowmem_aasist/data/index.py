@@ -230,6 +230,126 @@ def _read_batch(paths: Sequence[str]) -> list[tuple[int, int, str | None]]:
 # Indexing
 
 
+class _Scan:
+    """One indexing pass over a split: stat every path in chunks, read the headers of new or changed files in
+    batches (each path once, however often it is listed), and fill the per-file arrays as results arrive. Workers
+    only stat and read; every array is written from the calling thread."""
+
+    def __init__(self, paths: list[str], cache: _Cache | None, progress: Callable[[int], None] | None,
+                 threads: int) -> None:
+        n = len(paths)
+        self.paths, self.cache, self.progress, self.threads = paths, cache, progress, threads
+        self.size = np.full(n, -1, dtype=np.int64)
+        self.mtime = np.full(n, -1, dtype=np.int64)
+        self.frames = np.full(n, -1, dtype=np.int32)
+        self.samplerate = np.full(n, -1, dtype=np.int32)
+        self.code = np.full(n, -1, dtype=np.int32)
+        # Starting from the cached list keeps cached codes valid as they are copied over.
+        self.reasons: list[str] = list(cache.reasons) if cache is not None else []
+        self._reason_code = {r: i for i, r in enumerate(self.reasons)}
+        self.scanned = 0
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
+        self._outstanding = 0
+        # Rows waiting for a read in flight, and results of reads already done (only new/changed files, so small
+        # when cached).
+        self._pending: dict[str, list[int]] = {}
+        self._read: dict[str, tuple[int, int, str | None]] = {}
+
+    def run(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="index")
+        try:
+            for start in range(0, len(self.paths), _STAT_CHUNK):
+                self._submit("stat", start, _stat_chunk, self.paths[start : start + _STAT_CHUNK])
+            while self._outstanding:
+                kind, key, result, error = self._done.get()
+                self._outstanding -= 1
+                if error is not None:
+                    raise error
+                (self._on_stat if kind == "stat" else self._on_read)(key, result)
+        finally:
+            # On an error or Ctrl-C, drop the queued work instead of finishing a full scan first.
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _code_of(self, reason: str) -> int:
+        if reason not in self._reason_code:
+            self._reason_code[reason] = len(self.reasons)
+            self.reasons.append(reason)
+        return self._reason_code[reason]
+
+    def _report(self, k: int) -> None:
+        if self.progress is not None and k:
+            self.progress(k)
+
+    def _submit(self, kind: str, key: object, fn: Callable, arg: object) -> None:
+        def task() -> None:
+            try:
+                self._done.put((kind, key, fn(arg), None))
+            except BaseException as e:  # re-raised in the calling thread, which would otherwise wait forever
+                self._done.put((kind, key, None, e))
+
+        self._outstanding += 1
+        self._pool.submit(task)
+
+    def _unchanged_since_cache(self, start: int, stop: int, ok: np.ndarray) -> np.ndarray:
+        """Rows whose size and mtime match the cache, their header fields copied from it."""
+        c = self.cache
+        if c is None:
+            return np.zeros_like(ok)
+        same = ok & (c.size[start:stop] == self.size[start:stop]) & (c.mtime_ns[start:stop] == self.mtime[start:stop])
+        self.frames[start:stop][same] = c.frames[start:stop][same]
+        self.samplerate[start:stop][same] = c.samplerate[start:stop][same]
+        self.code[start:stop][same] = c.code[start:stop][same]
+        return same
+
+    def _on_stat(self, start: int, result: tuple[list[int], list[int], dict[int, str]]) -> None:
+        sizes, mtimes, errors = result
+        stop = start + len(sizes)
+        self.size[start:stop] = sizes
+        self.mtime[start:stop] = mtimes
+        for j, reason in errors.items():
+            self.code[start + j] = self._code_of(reason)
+        ok = self.size[start:stop] >= 0
+        todo = ok & ~self._unchanged_since_cache(start, stop, ok)
+        new_paths: list[str] = []
+        known = 0
+        for i in (np.flatnonzero(todo) + start).tolist():
+            p = self.paths[i]
+            if p in self._read:
+                self._store(i, self._read[p])
+                known += 1
+            elif p in self._pending:
+                self._pending[p].append(i)
+            else:
+                self._pending[p] = [i]
+                new_paths.append(p)
+        for b in range(0, len(new_paths), _READ_BATCH):
+            batch = new_paths[b : b + _READ_BATCH]
+            self._submit("read", batch, _read_batch, batch)
+        self._report(len(sizes) - int(todo.sum()) + known)
+
+    def _store(self, rows: int | list[int], result: tuple[int, int, str | None]) -> None:
+        f16, sr, reason = result
+        self.frames[rows] = f16
+        self.samplerate[rows] = sr
+        self.code[rows] = -1 if reason is None else self._code_of(reason)
+
+    def _on_read(self, batch: list[str], results: list[tuple[int, int, str | None]]) -> None:
+        finished = 0
+        for p, result in zip(batch, results, strict=True):
+            rows = self._pending.pop(p)
+            self._read[p] = result
+            self._store(rows, result)
+            finished += len(rows)
+        self.scanned += len(batch)
+        self._report(finished)
+
+    def unchanged(self) -> bool:
+        """Nothing read and every stat and code as cached: the cache needs no rewrite."""
+        c = self.cache
+        return (c is not None and self.scanned == 0 and np.array_equal(c.size, self.size)
+                and np.array_equal(c.mtime_ns, self.mtime) and np.array_equal(c.code, self.code))
+
+
 def index_split(
     split: Split,
     cache_dir: Path | None = None,
@@ -251,136 +371,18 @@ def index_split(
     paths = list(split.path)
     cache_file = _cache_path(split, Path(cache_dir) if cache_dir is not None else default_index_dir())
     cache = _load_cache(cache_file, n) if n else None
-
-    size = np.full(n, -1, dtype=np.int64)
-    mtime = np.full(n, -1, dtype=np.int64)
-    frames = np.full(n, -1, dtype=np.int32)
-    samplerate = np.full(n, -1, dtype=np.int32)
-    code = np.full(n, -1, dtype=np.int32)
-    # Starting from the cached list keeps cached codes valid as they are copied over.
-    reasons: list[str] = list(cache.reasons) if cache is not None else []
-    reason_code = {r: i for i, r in enumerate(reasons)}
-
-    def code_of(reason: str) -> int:
-        if reason not in reason_code:
-            reason_code[reason] = len(reasons)
-            reasons.append(reason)
-        return reason_code[reason]
-
-    def report(k: int) -> None:
-        if progress is not None and k:
-            progress(k)
-
-    scanned = 0
-    done: queue.SimpleQueue = queue.SimpleQueue()
-    outstanding = 0
-    # Header reads by path, so a path listed several times is opened once: rows waiting for a read in
-    # flight, and results of reads already done (only new/changed files, so small when cached).
-    pending_reads: dict[str, list[int]] = {}
-    read_results: dict[str, tuple[int, int, str | None]] = {}
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="index")
-
-    def submit(kind: str, key: object, fn: Callable, arg: object) -> None:
-        nonlocal outstanding
-
-        def task() -> None:
-            try:
-                done.put((kind, key, fn(arg), None))
-            except BaseException as e:  # re-raised in the calling thread, which would otherwise wait forever
-                done.put((kind, key, None, e))
-
-        outstanding += 1
-        pool.submit(task)
-
-    def on_stat(start: int, result: tuple[list[int], list[int], dict[int, str]]) -> None:
-        sizes, mtimes, errors = result
-        stop = start + len(sizes)
-        size[start:stop] = sizes
-        mtime[start:stop] = mtimes
-        for j, reason in errors.items():
-            code[start + j] = code_of(reason)
-        ok = size[start:stop] >= 0
-        if cache is not None:
-            same = (
-                ok
-                & (cache.size[start:stop] == size[start:stop])
-                & (cache.mtime_ns[start:stop] == mtime[start:stop])
-            )
-            frames[start:stop][same] = cache.frames[start:stop][same]
-            samplerate[start:stop][same] = cache.samplerate[start:stop][same]
-            code[start:stop][same] = cache.code[start:stop][same]
-            todo = ok & ~same
-        else:
-            todo = ok
-        new_paths: list[str] = []
-        known = 0
-        for i in (np.flatnonzero(todo) + start).tolist():
-            p = paths[i]
-            if p in read_results:
-                store(i, read_results[p])
-                known += 1
-            elif p in pending_reads:
-                pending_reads[p].append(i)
-            else:
-                pending_reads[p] = [i]
-                new_paths.append(p)
-        for b in range(0, len(new_paths), _READ_BATCH):
-            batch = new_paths[b : b + _READ_BATCH]
-            submit("read", batch, _read_batch, batch)
-        report(len(sizes) - int(todo.sum()) + known)
-
-    def store(rows: int | list[int], result: tuple[int, int, str | None]) -> None:
-        f16, sr, reason = result
-        frames[rows] = f16
-        samplerate[rows] = sr
-        code[rows] = -1 if reason is None else code_of(reason)
-
-    def on_read(batch: list[str], results: list[tuple[int, int, str | None]]) -> None:
-        nonlocal scanned
-        finished = 0
-        for p, result in zip(batch, results, strict=True):
-            rows = pending_reads.pop(p)
-            read_results[p] = result
-            store(rows, result)
-            finished += len(rows)
-        scanned += len(batch)
-        report(finished)
-
-    try:
-        for start in range(0, n, _STAT_CHUNK):
-            submit("stat", start, _stat_chunk, paths[start : start + _STAT_CHUNK])
-        while outstanding:
-            kind, key, result, error = done.get()
-            outstanding -= 1
-            if error is not None:
-                raise error
-            if kind == "stat":
-                on_stat(key, result)
-            else:
-                on_read(key, result)
-    finally:
-        # On an error or Ctrl-C, drop the queued work instead of finishing a full scan first.
-        pool.shutdown(wait=True, cancel_futures=True)
+    scan = _Scan(paths, cache, progress, threads)
+    scan.run()
 
     used_file: Path | None = cache_file if cache is not None else None
-    if n:
-        unchanged = (
-            cache is not None
-            and scanned == 0
-            and np.array_equal(cache.size, size)
-            and np.array_equal(cache.mtime_ns, mtime)
-            and np.array_equal(cache.code, code)
-        )
-        if not unchanged:
-            fresh = _Cache(size, mtime, frames, samplerate, code, reasons)
-            used_file = cache_file if _save_cache(cache_file, fresh) else None
-
-    bad = np.flatnonzero(code >= 0).tolist()
-    problems = tuple(Problem(i, paths[i], reasons[code[i]]) for i in bad)
+    if n and not scan.unchanged():
+        fresh = _Cache(scan.size, scan.mtime, scan.frames, scan.samplerate, scan.code, scan.reasons)
+        used_file = cache_file if _save_cache(cache_file, fresh) else None
+    bad = np.flatnonzero(scan.code >= 0).tolist()
     return IndexResult(
-        split=replace(split, frames=frames, samplerate=samplerate),
-        problems=problems,
-        scanned=scanned,
+        split=replace(split, frames=scan.frames, samplerate=scan.samplerate),
+        problems=tuple(Problem(i, paths[i], scan.reasons[scan.code[i]]) for i in bad),
+        scanned=scan.scanned,
         seconds=time.perf_counter() - t0,
         cache_file=used_file,
     )
