@@ -140,3 +140,37 @@ def test_the_data_path_is_counted_in_the_plan_and_its_time_set_against_the_step(
     assert chosen.notes[-1] == ("data path in the training process (rawboost:5): 200.0 MiB counted in the peak, "
                                 "50.0 ms per utterance = 8.0% on the calibration steps' 0.62 s per utterance")
     assert calibration.to_dict()["data_path"] == {"augment": "rawboost:5", "bytes": 200 * MiB, "seconds_per_item": 0.05}
+
+
+def test_a_forked_child_is_credited_the_parents_file_pages_it_has_not_mapped():
+    # Linux maps a parent's file pages into a forked child only when touched, so the child reads some tens of MiB
+    # less resident than the parent at the fork; the page-exact correction brings it back (the calibration steps
+    # run in such children and must read as a fresh interpreter would).
+    import os
+
+    from lowmem_aasist.memory.calibrate import _not_yet_mapped, file_pages
+    from lowmem_aasist.memory.measure import rss_now
+
+    parent, parent_rss = file_pages(), rss_now()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(write_end, json.dumps([rss_now(), _not_yet_mapped(parent)]).encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        child_rss, lacking = json.loads(f.read())
+    os.waitpid(pid, 0)
+    assert lacking > 5 * MiB
+    assert abs(child_rss + lacking - parent_rss) < 8 * MiB
+
+
+def test_the_calibration_server_is_started_early_only_for_a_cpu_plan_without_cached_steps(tmp_path):
+    from lowmem_aasist.memory.calibrate import likely_needed
+
+    cache = tmp_path / "costs.json"
+    assert likely_needed("cpu", "AASIST", cache)  # no cache yet
+    cache.write_text(json.dumps({"cpu|v9|torch 2|EPYC|AASIST|bf16|none|cl=False|64600": {}}))
+    assert not likely_needed("cpu", "AASIST", cache) and not likely_needed("cpu", "", cache)
+    assert likely_needed("cpu", "AASIST-L", cache)
+    assert not likely_needed("cuda", "AASIST-L", cache)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 
 from ..models import ModelFamily, build_model, family_of, get_family
 from ..storage import atomic_write_json
+from .calibrate import cache_path, shutdown
 from .device import DeviceFacts
 from .inference import InferenceCost, inference_cost
 from .plan import (
@@ -40,7 +40,7 @@ from .plan import (
 )
 from .techniques import apply_channels_last, apply_checkpointing, apply_lean_pooling
 
-CACHE_VERSION = 8
+CACHE_VERSION = 9  # 9: CPU steps in children forked from one server, not fresh interpreters
 CUDA_CALIBRATION_MICRO_BATCH = 4
 CPU_CALIBRATION_LEVER = 3
 """CPU calibration steps at micro-batch m and 3m (m: the model's smallest). Repeated readings of one configuration's
@@ -89,11 +89,6 @@ def candidate_techniques(
     return [Technique(p, c, o) for p in precisions for c in policies for o in optimizers]
 
 
-def _cache_path() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "lowmem-aasist" / "costs.json"
-
-
 def _key(model_name: str, t: Technique, channels_last: bool) -> str:
     return f"v{CACHE_VERSION}|torch {torch.__version__}|{model_name}|{t.precision}|{t.checkpoint}|{t.optimizer}|cl={channels_last}"
 
@@ -108,7 +103,7 @@ def technique_costs(
     """Fixed bytes and bytes per sample (crop 64,600) of each technique, from the estimator at micro-batch 1 and 2."""
     from .estimate import estimate_step_peak
 
-    cache = cache or _cache_path()
+    cache = cache or cache_path()
     stored = _load_cache(cache)
     costs: dict[Technique, Cost] = {}
     for t in techniques:
@@ -188,7 +183,7 @@ def calibrate_cuda(facts: DeviceFacts, device: torch.device, model_name: str, pr
                    cache: Path | None = None) -> Calibration:
     """CUDA: the context (from NVML) and the caching allocator's reserve over live tensors, from one real step at
     micro-batch 4 of the planned crop per precision. Cached per device, torch version, model, precision and crop."""
-    cache = cache or _cache_path()
+    cache = cache or cache_path()
     stored = _load_cache(cache)
     overheads = {}
     for precision in precisions:
@@ -293,7 +288,7 @@ def plan_cpu(
     from .measure import rss_now
     from .plan import plan_candidates, relative_cost
 
-    cache = cache or _cache_path()
+    cache = cache or cache_path()
     stored = _load_cache(cache)
     best_case = {t: relative_cost(t, micro_batch or effective_batch, crop, crop, limits) for t in techniques}
     costs: dict[Technique, Cost] = {}
@@ -303,6 +298,7 @@ def plan_cpu(
     skipped: list[Technique] = []
     plans: list[Plan] = []
     rss_before = rss_now()
+    known = len(stored)
     for t in sorted(techniques, key=lambda t: (best_case[t], t.checkpoint)):
         if plans and best_case[t] >= plans[0].relative_cost:
             skipped.append(t)
@@ -317,6 +313,8 @@ def plan_cpu(
         if on_progress:
             on_progress(t)
         plans = plan_candidates(budget_bytes, costs, overheads, effective_batch, crop, limits, CPU_MARGIN, micro_batch)
+    if len(stored) > known:
+        shutdown()  # the calibration server holds some 300 MB the run may need
     plan, candidates = best_plan(budget_bytes, costs, overheads, effective_batch, crop, limits, micro_batch, CPU_MARGIN)
     if data_path is not None:
         points = timed[(plan.precision, plan.checkpoint)]
