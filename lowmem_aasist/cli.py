@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
 from rich.table import Table
@@ -385,16 +386,57 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # --- evaluate --------------------------------------------------------------------------------------------------
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .metrics import evaluate, format_evaluation, read_asv_scores, read_cm_scores
+def _read_for_evaluation(args: argparse.Namespace):
+    from .scorefiles import read_calibration, read_scores
 
-    cm = read_cm_scores(args.scores)
+    cm = read_scores(args.scores, args.keys)
+    return read_calibration(args.calibration).apply(cm) if getattr(args, "calibration", None) else cm
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .metrics import evaluate, format_evaluation, read_asv_scores
+    from .report import plot_det, plot_histograms
+
+    cm = _read_for_evaluation(args)
     asv = read_asv_scores(args.asv_scores) if args.asv_scores else None
-    result = evaluate(cm, asv)
+    try:
+        result = evaluate(cm, asv, by=args.by)
+    except ValueError as e:
+        raise CLIError(f"evaluate: {e}") from None
     if args.json:
         print(json.dumps(result))
     else:
         _stdout().print(format_evaluation(result), highlight=False, markup=False)
+    if args.plot:
+        plots = Path(args.plot)
+        bona, spoof = cm.score[cm.key == 1], cm.score[cm.key == 0]
+        drawn = (plot_det(bona, spoof, plots / "det.png", f"DET: {Path(args.scores).name}")
+                 and plot_histograms(bona, spoof, plots / "scores.png", f"scores: {Path(args.scores).name}"))
+        _stderr().print(f"wrote {plots / 'det.png'} and {plots / 'scores.png'}" if drawn
+                        else "no plots: pip install matplotlib to draw them")
+    return EXIT_OK
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .detection import cllr, effective_prior, fit_calibration
+    from .scorefiles import Calibration, write_calibration
+
+    cm = _read_for_evaluation(args)
+    bona, spoof = cm.score[cm.key == 1], cm.score[cm.key == 0]
+    if not (bona.size and spoof.size):
+        raise CLIError(f"calibrate: {args.scores} needs both bona fide and spoof trials to fit a calibration")
+    if not 0 < args.prior < 1:
+        raise CLIError(f"calibrate --prior {args.prior}: the spoof prior must lie strictly between 0 and 1")
+    prior = effective_prior(args.prior)
+    a, b = fit_calibration(bona, spoof, prior)
+    cal = Calibration(a, b, args.prior, str(args.scores))
+    after = cal.apply(cm)
+    before_cllr, after_cllr = cllr(bona, spoof), cllr(after.score[after.key == 1], after.score[after.key == 0])
+    write_calibration(Path(args.out), cal, {"effective_bonafide_prior": prior, "trials": int(cm.key.size),
+                                            "cllr_before": before_cllr, "cllr_after": after_cllr})
+    _stdout().print(f"calibration: llr = {a:.6g} x score + {b:.6g} (spoof prior {args.prior}, effective bona fide "
+                    f"prior {prior:.4f}); Cllr on these scores {before_cllr:.4f} -> {after_cllr:.4f} bits; "
+                    f"wrote {args.out}", highlight=False)
     return EXIT_OK
 
 
@@ -409,6 +451,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "check-data": cmd_check_data,
     "eval": cmd_eval,
     "evaluate": cmd_evaluate,
+    "calibrate": cmd_calibrate,
 }
 
 
@@ -547,15 +590,46 @@ def _add_eval(sub: argparse._SubParsersAction, models: list[str]) -> None:
     p.add_argument("--asv-scores", help="ASV score file, for min t-DCF")
 
 
+def _add_score_inputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scores", required=True,
+                   help="CM score file: 'UTT ATTACK bonafide|spoof SCORE' (2019), an ASVspoof 5 file (header "
+                        "'filename<tab>cm-score') or 'TRIAL SCORE' (2021); the layout is recognised")
+    p.add_argument("--keys", help="labels for a score file without them: an ASVspoof5.*.tsv protocol, a "
+                                  "'filename cm-label' file or a 2021 trial_metadata.txt")
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="EER, min t-DCF and per-attack EER of a score file (ASVspoof 2019 rules)")
-    p.add_argument("--scores", required=True, help="CM score file: 'UTT ATTACK bonafide|spoof SCORE' per line")
-    p.add_argument("--asv-scores", help="ASV score file ('SPEAKER target|nontarget|spoof SCORE'), for min t-DCF")
-    p.add_argument("--json", action="store_true", help='one JSON object {"eer", "min_tdcf", "per_attack", "counts"}')
+    p = sub.add_parser("evaluate", help="EER, minDCF, actDCF, Cllr, min t-DCF, t-EER and per-condition tables of a "
+                                        "score file (ASVspoof 2019, 2021 and 5 rules)")
+    _add_score_inputs(p)
+    p.add_argument("--asv-scores", help="ASV score file ('SPEAKER target|nontarget|spoof SCORE'), for min t-DCF "
+                                        "and t-EER")
+    p.add_argument("--by", help="break results down by attack, codec, condition (2021: C1..C9; ASVspoof 5: the "
+                                "codec), transmission (2021 LA) or vocoder / source (2021 DF), as the keys allow")
+    p.add_argument("--calibration", help="a file from 'lowmem-aasist calibrate': evaluate the scores as LLRs")
+    p.add_argument("--plot", metavar="DIR", help="write det.png (DET curve, EER marked) and scores.png there")
+    p.add_argument("--json", action="store_true", help="one JSON object (eer, min_dcf, act_dcf, cllr, min_cllr, "
+                                                       "min_tdcf, t_eer, per_attack, counts, by)")
+
+
+def _add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="fit score -> log-likelihood ratio on dev scores (prior-weighted "
+                                         "logistic regression); score, eval and evaluate take the file")
+    _add_score_inputs(p)
+    p.add_argument("--prior", type=float, default=0.05, help="spoof prior of the cost model (ASVspoof 5: 0.05); "
+                                                             "the fit weighs the classes at its effective prior")
+    p.add_argument("--out", required=True, help="the calibration file to write (JSON)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad usage is one line naming the option and where help is, not argparse's usage block before it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lowmem-aasist",
         description="Train and use AASIST anti-spoofing models within a memory budget.",
     )
@@ -573,6 +647,7 @@ def get_parser() -> argparse.ArgumentParser:
     _add_check_data(sub)
     _add_eval(sub, models)
     _add_evaluate(sub)
+    _add_calibrate(sub)
 
     assert set(sub.choices) == set(COMMANDS), "every subcommand needs a handler"
     return parser
@@ -596,7 +671,25 @@ def _attach_dashed_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _prestart_calibration(argv: list[str]) -> None:
+    """A first CPU probe measures real steps in a server process that spends 3 s importing torch; start it before
+    this process imports torch too (the parser needs the model registry), so the imports overlap. Read from the raw
+    arguments, as the parser is not built yet; a wrong guess costs an idle process, never a wrong plan."""
+    if not argv or argv[0] != "probe":
+        return
+    from .memory import calibrate
+
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--device", default="auto")
+    early.add_argument("--model", default="")
+    known, _ = early.parse_known_args(argv[1:])
+    if calibrate.likely_needed(known.device, known.model, calibrate.cache_path()):
+        calibrate.prestart()
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _prestart_calibration(argv)
     from .audio import AudioError
     from .augment.base import SpecError
     from .checkpoint import ResumeError
@@ -614,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
     from .models import MissingDependencyError, WeightsError
     from .train import RunFolderError
 
-    args = get_parser().parse_args(_attach_dashed_values(sys.argv[1:] if argv is None else argv))
+    args = get_parser().parse_args(_attach_dashed_values(argv))
     from .memory.enforce import enable_expandable_segments
 
     enable_expandable_segments()  # before anything touches CUDA

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -191,9 +191,11 @@ class CmScores:
     attack: list[str]
     key: np.ndarray
     score: np.ndarray
+    conditions: dict[str, list[str]] = field(default_factory=dict)
+    """Per-trial condition columns from the keys (codec, transmission, ...), by name; see ``scorefiles``."""
 
     def __post_init__(self) -> None:
-        sizes = {len(self.utt), len(self.attack), len(self.key), len(self.score)}
+        sizes = {len(self.utt), len(self.attack), len(self.key), len(self.score), *map(len, self.conditions.values())}
         if len(sizes) != 1:
             raise ValueError(f"CmScores fields differ in length: {sorted(sizes)}")
 
@@ -303,16 +305,47 @@ def read_asv_scores(path: str | os.PathLike[str]) -> AsvScores:
 # --- evaluation ----------------------------------------------------------------------------------------------
 
 
-def evaluate(
-    cm: CmScores, asv: AsvScores | None = None, cost: TdcfCost = ASVSPOOF2019_COST
-) -> dict[str, Any]:
-    """EER, min t-DCF (None without ASV scores), per-attack EER and trial counts, JSON-ready.
+def _cell(bonafide: np.ndarray, spoof: np.ndarray) -> dict[str, Any]:
+    """Track 1 metrics of one breakdown cell; None for each where a class is absent (the reference's NaN)."""
+    from .detection import track1
 
-    Returns {"eer": percent, "eer_threshold": CM threshold at the EER, "min_tdcf": float | None,
-    "per_attack": {attack: EER percent of that attack's spoofs against all bona fide, attacks sorted},
-    "counts": {"bonafide": n, "spoof": n, attack: n, ...}}. ValueError (one line) if the CM scores lack bona fide
-    or spoof trials, hold a non-finite score, or an attack is named like a count key.
+    counts = {"bonafide": int(bonafide.size), "spoof": int(spoof.size)}
+    if not (bonafide.size and spoof.size):
+        return {"eer": None, "min_dcf": None, "act_dcf": None, "cllr": None, **counts}
+    m = track1(bonafide, spoof)
+    return {k: m[k] for k in ("eer", "min_dcf", "act_dcf", "cllr")} | counts
+
+
+def breakdown(cm: CmScores, by: str) -> dict[str, dict[str, Any]]:
+    """Metrics per value of a condition, pooled as the challenges' packages pool them: an attack restricts the spoofs
+    only and keeps every bona fide trial; any other condition (codec, transmission, ...) restricts both classes."""
+    key, score = np.asarray(cm.key), np.asarray(cm.score, dtype=np.float64)
+    if by == "attack":
+        values = np.asarray(cm.attack, dtype=object)
+        spoof_values = sorted(set(values[key == 0].tolist()))
+        return {v: _cell(score[key == 1], score[(key == 0) & (values == v)]) for v in spoof_values}
+    if by not in cm.conditions:
+        have = ", ".join(["attack", *cm.conditions]) or "attack"
+        raise ValueError(f"--by {by}: these scores' keys have no {by} column (they have: {have})")
+    values = np.asarray(cm.conditions[by], dtype=object)
+    return {v: _cell(score[(key == 1) & (values == v)], score[(key == 0) & (values == v)])
+            for v in sorted(set(values.tolist()))}
+
+
+def evaluate(
+    cm: CmScores, asv: AsvScores | None = None, cost: TdcfCost = ASVSPOOF2019_COST, by: str | None = None
+) -> dict[str, Any]:
+    """The 2019 metrics (EER, min t-DCF with ASV scores, per-attack EER) and the ASVspoof 5 ones, JSON-ready.
+
+    Returns {"eer": percent, "eer_threshold": CM threshold at the EER, "min_dcf", "act_dcf", "cllr", "min_cllr"
+    (Track 1; actDCF and Cllr read the scores as natural-log LLRs), "min_tdcf" and "t_eer" (percent; None without
+    ASV scores), "per_attack": {attack: EER percent of that attack's spoofs against all bona fide, attacks sorted},
+    "counts": {"bonafide": n, "spoof": n, attack: n, ...}} and, with ``by``, "by": {by: {value: cell}} (see
+    :func:`breakdown`). ValueError (one line) if the CM scores lack bona fide or spoof trials, hold a non-finite
+    score, or an attack is named like a count key.
     """
+    from .detection import t_eer, track1
+
     key = np.asarray(cm.key)
     score = np.asarray(cm.score, dtype=np.float64)
     if not np.isfinite(score).all():
@@ -328,27 +361,31 @@ def evaluate(
     clash = {"bonafide", "spoof"} & set(attacks)
     if clash:
         raise ValueError(f"attack named {sorted(clash)[0]!r} clashes with the class counts; rename it")
-    eer, eer_threshold = compute_eer(bonafide, spoof)
     per_attack: dict[str, float] = {}
     counts: dict[str, int] = {"bonafide": int(bonafide.size), "spoof": int(spoof.size)}
     for attack in attacks:
         of_attack = spoof[spoof_attacks == attack]
         per_attack[attack] = 100.0 * compute_eer(bonafide, of_attack)[0]
         counts[attack] = int(of_attack.size)
-    tdcf = None
+    tdcf = teer = None
     if asv is not None:
         tdcf = min_tdcf(bonafide, spoof, asv_error_rates(asv.target, asv.nontarget, asv.spoof), cost)[0]
-    return {
-        "eer": 100.0 * eer,
-        "eer_threshold": eer_threshold,
+        teer = t_eer(bonafide, spoof, asv.target, asv.nontarget, asv.spoof)
+    result = {
+        **track1(bonafide, spoof),
         "min_tdcf": tdcf,
+        "t_eer": teer,
         "per_attack": per_attack,
         "counts": counts,
     }
+    if by is not None:
+        result["by"] = {by: breakdown(cm, by)}
+    return result
 
 
 def format_evaluation(result: dict[str, Any]) -> str:
-    """A plain-text report of evaluate()'s result: EER, min t-DCF, then one row per attack."""
+    """A plain-text report of evaluate()'s result: the pooled metrics, then one row per attack (or per value of the
+    breakdown asked for)."""
     counts = result["counts"]
     eer_line = f"EER: {result['eer']:.4f} %"
     if result.get("eer_threshold") is not None:
@@ -356,10 +393,25 @@ def format_evaluation(result: dict[str, Any]) -> str:
     if result["min_tdcf"] is None:
         tdcf_line = "min t-DCF: not computed (give --asv-scores ASV_SCORE_FILE)"
     else:
-        tdcf_line = f"min t-DCF: {result['min_tdcf']:.6f}"
-    lines = [eer_line, tdcf_line, f"trials: {counts['bonafide']} bona fide, {counts['spoof']} spoof", ""]
-    width = max([len("attack"), *(len(a) for a in result["per_attack"])])
-    lines.append(f"{'attack':<{width}}  {'trials':>8}  {'EER %':>8}")
-    for attack, eer in result["per_attack"].items():
-        lines.append(f"{attack:<{width}}  {counts.get(attack, 0):>8}  {eer:>8.4f}")
-    return "\n".join(lines)
+        tdcf_line = f"min t-DCF: {result['min_tdcf']:.6f}\nt-EER: {result['t_eer']:.4f} %"
+    lines = [eer_line,
+             f"minDCF: {result['min_dcf']:.5f}   actDCF: {result['act_dcf']:.5f}   Cllr: {result['cllr']:.5f} bits   "
+             f"minCllr: {result['min_cllr']:.5f} bits",
+             tdcf_line, f"trials: {counts['bonafide']} bona fide, {counts['spoof']} spoof", ""]
+    if "by" in result:
+        (name, cells), = result["by"].items()
+        rows = [(v, f"{c['bonafide']}/{c['spoof']}", *(_fmt(c[k]) for k in ("eer", "min_dcf", "act_dcf", "cllr")))
+                for v, c in cells.items()]
+        return "\n".join(lines + _table([name, "bona/spoof", "EER %", "minDCF", "actDCF", "Cllr"], rows))
+    rows = [(a, str(counts.get(a, 0)), f"{eer:.4f}") for a, eer in result["per_attack"].items()]
+    return "\n".join(lines + _table(["attack", "trials", "EER %"], rows))
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _table(header: list[str], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return [f"{r[0]:<{widths[0]}}" + "".join(f"  {str(c):>{w}}" for c, w in zip(r[1:], widths[1:], strict=True))
+            for r in [header, *rows]]

@@ -30,3 +30,17 @@ def test_readme_quick_start_matches_ci():
     ci_command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     assert ci_command in readme, "the README's test command must be exactly what .ci/run runs"
     assert "lowmem-aasist fit --demo\n" in readme
+
+
+@pytest.mark.parametrize(("argv", "names"), [
+    (["fit", "--crop-from", "end"], "argument --crop-from: invalid choice: 'end'"),
+    (["probe", "--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    (["frob"], "invalid choice: 'frob'"),
+])
+def test_bad_usage_is_one_line_naming_the_option(argv, names, capsys):
+    # argparse printed its usage block (15 lines for fit) before the error line.
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and names in err and "--help" in err

@@ -321,7 +321,8 @@ def test_evaluate_pooled_and_per_attack():
     # EER 25 %. A01 alone (2, 4) against bona fide 1, 3, 5, 7 is test_hand_worked_case: 50 %. A02 (-1, 0) lies
     # below every bona fide: 0 %.
     result = evaluate(_cm(CM_ROWS))
-    assert set(result) == {"eer", "eer_threshold", "min_tdcf", "per_attack", "counts"}
+    assert set(result) == {"eer", "eer_threshold", "min_tdcf", "per_attack", "counts", "min_dcf", "act_dcf", "cllr",
+                           "min_cllr", "t_eer"}
     assert result["eer"] == 25.0 and result["eer_threshold"] == 2.0
     assert result["min_tdcf"] is None
     assert list(result["per_attack"].items()) == [("A01", 50.0), ("A02", 0.0)]
