@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -46,12 +47,22 @@ def default_demo_dir() -> Path:
 # --- score -----------------------------------------------------------------------------------------------------
 
 
+def _calibration(args: argparse.Namespace):
+    from .scorefiles import read_calibration
+
+    return read_calibration(args.calibration) if args.calibration else None
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from .audio import list_audio_files
+    from .detection import C_FA, C_MISS
     from .memory.device import resolve_device
     from .models import load
     from .scoring import score_files
 
+    calibration = _calibration(args)  # a bad file fails before the model loads
+    # A calibrated score is an LLR: the Bayes decision for the spoof prior it was fitted for; a raw logit: 0.
+    threshold = -math.log((1 - calibration.p_spoof) * C_MISS / (calibration.p_spoof * C_FA)) if calibration else 0.0
     device = resolve_device(args.device)
     model, family = load(args.weights, args.model, map_location=device)
     model = model.to(device)
@@ -70,21 +81,28 @@ def cmd_score(args: argparse.Namespace) -> int:
             paths.append(p)  # missing or unreadable files are reported by the scorer, in order
 
     out = _stdout()
-    table = Table("file", "score", "windows", "verdict", title=f"{family.name} scores (bona fide logit)")
+    what = "LLR, calibrated" if calibration else "bona fide logit"
+    table = Table("file", "score", "windows", "verdict", title=f"{family.name} scores ({what})")
+    if args.format == "asvspoof5":
+        print("filename\tcm-score", flush=True)
     for result in score_files(model, paths, device, full=args.full, batch=args.batch):
         if result.error:
             failed += 1
             err.print(f"error: {result.error}")
             continue
-        if args.json:
-            print(json.dumps({"path": result.path, "score": round(result.score, 6), "windows": result.windows,
-                              "model": family.name}), flush=True)
+        score = calibration.a * result.score + calibration.b if calibration else result.score
+        if args.format == "asvspoof5":
+            print(f"{result.path}\t{score:.6f}", flush=True)
+        elif args.format == "json":
+            print(json.dumps({"path": result.path, "score": round(score, 6), "windows": result.windows,
+                              "model": family.name, "calibrated": calibration is not None}), flush=True)
         else:
-            table.add_row(result.path, f"{result.score:.6f}", str(result.windows),
-                          "bona fide" if result.score > 0 else "spoof")
-    if not args.json and table.row_count:
+            table.add_row(result.path, f"{score:.6f}", str(result.windows), "bona fide" if score > threshold else "spoof")
+    if args.format == "table" and table.row_count:
         out.print(table)
-        out.print("score > 0 means the model prefers bona fide; the EER threshold of a trained model is usually not 0.")
+        out.print(f"verdict: bona fide when the LLR exceeds {threshold:.4f}, the Bayes decision at spoof prior "
+                  f"{calibration.p_spoof}" if calibration else
+                  "score > 0 means the model prefers bona fide; the EER threshold of a trained model is usually not 0.")
     return EXIT_FAILED if failed else EXIT_OK
 
 
@@ -247,8 +265,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         planned = f" against a predicted {format_bytes(result.predicted_peak_bytes)}" if result.predicted_peak_bytes else ""
         console.print(f"peak {what}: {format_bytes(result.peak_bytes)}{planned}")
     files = "config.json, metrics.jsonl, scores/dev.txt, checkpoints/best.pt, last.pt"
-    if (out / "training.png").is_file():
-        files += ", training.png"
+    files += "".join(f", {png}" for png in ("training.png", "dev_det.png") if (out / png).is_file())
     console.print(f"run folder: {out} ({files})")
     best = out / "checkpoints" / "best.pt"
     console.print("next:")
@@ -372,7 +389,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = run_eval(args.data, args.weights, split=args.split, layout=args.layout, phase=args.phase,
                       out=Path(args.out) if args.out else None, budget=args.budget, device=args.device,
                       precision=args.precision, batch=args.batch, workers=args.workers,
-                      asv_scores=Path(args.asv_scores) if args.asv_scores else None, console=out, model=args.model)
+                      asv_scores=Path(args.asv_scores) if args.asv_scores else None, console=out, model=args.model,
+                      score_layout=args.format, calibration=_calibration(args))
     resumed = f", {result.resumed:,} of them from an interrupted run" if result.resumed else ""
     out.print(f"scored {result.scored:,} utterances{resumed} in {result.seconds:.0f} s (batch {result.batch}); "
               f"skipped {result.skipped:,}; scores: {result.scores_path}")
@@ -397,6 +415,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .metrics import evaluate, format_evaluation, read_asv_scores
     from .report import plot_det, plot_histograms
 
+    if bool(args.scores) == bool(args.sasv):
+        raise CLIError("evaluate: give one of --scores (a CM score file) or --sasv (an ASVspoof 5 Track 2 file)")
+    if args.sasv:
+        return _evaluate_sasv(args)
     cm = _read_for_evaluation(args)
     asv = read_asv_scores(args.asv_scores) if args.asv_scores else None
     try:
@@ -414,6 +436,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                  and plot_histograms(bona, spoof, plots / "scores.png", f"scores: {Path(args.scores).name}"))
         _stderr().print(f"wrote {plots / 'det.png'} and {plots / 'scores.png'}" if drawn
                         else "no plots: pip install matplotlib to draw them")
+    return EXIT_OK
+
+
+def _evaluate_sasv(args: argparse.Namespace) -> int:
+    from .metrics import evaluate_sasv
+    from .scorefiles import read_sasv
+
+    if not args.keys:
+        raise CLIError("evaluate --sasv: give --keys, the Track 2 key file ('spk filename cm-label asv-label')")
+    trials = read_sasv(args.sasv, args.keys)
+    try:
+        result = evaluate_sasv(trials)
+    except ValueError as e:  # a trial type with no trials
+        raise CLIError(f"evaluate --sasv: {e}") from None
+    if args.json:
+        print(json.dumps(result))
+        return EXIT_OK
+    teer = "not computed (the file has '-' CM or ASV scores)" if result["t_eer"] is None else f"{result['t_eer']:.4f} %"
+    c = result["counts"]
+    _stdout().print(f"min a-DCF: {result['a_dcf']:.5f}\nt-EER: {teer}\ntrials: {c['target']} target, "
+                    f"{c['nontarget']} non-target, {c['spoof']} spoof", highlight=False, markup=False)
     return EXIT_OK
 
 
@@ -465,7 +508,11 @@ def _add_score(sub: argparse._SubParsersAction, models: list[str]) -> None:
                    help="score the whole recording: reference-length windows at 50%% overlap (AASIST: 64,600 samples "
                         "every 32,300), mean logit (default: the reference input, AASIST's first 64,600 samples, "
                         "short clips tiled)")
-    p.add_argument("--json", action="store_true", help="one JSON object per file per line")
+    p.add_argument("--json", dest="format", action="store_const", const="json", default="table",
+                   help="one JSON object per file per line")
+    p.add_argument("--format", default="table", choices=["table", "json", "asvspoof5"],
+                   help="table (default), json, or asvspoof5 (a 'filename<tab>cm-score' header, then a line per file)")
+    p.add_argument("--calibration", help="a file from 'lowmem-aasist calibrate': print LLRs and decide at its prior")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--batch", type=int, default=8, help="clips (or windows) per forward pass (default 8)")
 
@@ -588,10 +635,13 @@ def _add_eval(sub: argparse._SubParsersAction, models: list[str]) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--workers", type=int, default=-1, help="data-loading processes (default: from the cores)")
     p.add_argument("--asv-scores", help="ASV score file, for min t-DCF")
+    p.add_argument("--format", default="2019", choices=["2019", "asvspoof5"],
+                   help="score file layout: 2019 ('UTT ATTACK KEY SCORE', default) or asvspoof5 (its submission layout)")
+    p.add_argument("--calibration", help="a file from 'lowmem-aasist calibrate': write (and evaluate) LLRs")
 
 
-def _add_score_inputs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scores", required=True,
+def _add_score_inputs(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--scores", required=required,
                    help="CM score file: 'UTT ATTACK bonafide|spoof SCORE' (2019), an ASVspoof 5 file (header "
                         "'filename<tab>cm-score') or 'TRIAL SCORE' (2021); the layout is recognised")
     p.add_argument("--keys", help="labels for a score file without them: an ASVspoof5.*.tsv protocol, a "
@@ -601,7 +651,9 @@ def _add_score_inputs(p: argparse.ArgumentParser) -> None:
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="EER, minDCF, actDCF, Cllr, min t-DCF, t-EER and per-condition tables of a "
                                         "score file (ASVspoof 2019, 2021 and 5 rules)")
-    _add_score_inputs(p)
+    _add_score_inputs(p, required=False)
+    p.add_argument("--sasv", help="instead of --scores: an ASVspoof 5 Track 2 file ('spk filename cm-score "
+                                  "asv-score sasv-score'), for min a-DCF and t-EER; keys from --keys")
     p.add_argument("--asv-scores", help="ASV score file ('SPEAKER target|nontarget|spoof SCORE'), for min t-DCF "
                                         "and t-EER")
     p.add_argument("--by", help="break results down by attack, codec, condition (2021: C1..C9; ASVspoof 5: the "

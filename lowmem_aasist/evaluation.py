@@ -41,6 +41,7 @@ from .memory.engine import plan_inference
 from .metrics import CmScores, evaluate, read_asv_scores
 from .models import load
 from .progress import progress_bar
+from .scorefiles import Calibration
 from .scoring import as_written, bona_fide_logits, write_score_file
 from .storage import atomic_write_json, atomic_write_text
 
@@ -303,13 +304,17 @@ def run_eval(
     *,
     model: str = "auto",
     samples: int = 0,
+    score_layout: str = "2019",
+    calibration: Calibration | None = None,
 ) -> EvalResult:
     """Score every utterance of ``split`` and write ``UTT ATTACK KEY SCORE`` lines to ``out`` (default
     ``scores-<layout>-<split>.txt`` here); EER / min t-DCF when the split has keys for both classes.
 
     ``batch`` > 0 forces the batch; 0 takes the largest (up to 64) whose predicted peak fits ``budget``.
     ``samples`` is the input length, by default the model's reference input (AASIST: the first 64,600 samples,
-    short clips tiled); other values are for tests and experiments. ``model`` is auto or a family name. Unreadable audio is reported once per file
+    short clips tiled); other values are for tests and experiments. ``model`` is auto or a family name. ``score_layout``
+    "asvspoof5" writes the ASVspoof 5 submission layout instead; ``calibration`` turns the written scores (and the
+    metrics) into LLRs, while the resumable partial keeps the model's own. Unreadable audio is reported once per file
     (``skipped PATH: reason``) and left out of the file. Resumes from ``<out>.partial``; raises EvalResumeError
     when that partial was made with other weights, data or settings.
     """
@@ -353,7 +358,9 @@ def run_eval(
     problems = _Problems(console)
     _score_remaining(indexed, scores, net, _Scoring(dev, prec, samples, plan.batch, workers), partial, problems,
                      f"scoring {split}", console)
-    scored = write_score_file(out, sp, scores)
+    if calibration is not None:
+        scores = calibration.a * scores + calibration.b
+    scored = write_score_file(out, sp, scores, score_layout)
     problems_path = problems.write(out.with_name(out.name + ".problems.jsonl"), sp)
     partial.unlink(missing_ok=True)
     sidecar.unlink(missing_ok=True)

@@ -14,10 +14,13 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import ArrayLike
+
+if TYPE_CHECKING:
+    from .scorefiles import SasvScores
 
 
 def det_curve(bonafide: np.ndarray, spoof: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -415,3 +418,18 @@ def _table(header: list[str], rows: list[tuple[str, ...]]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     return [f"{r[0]:<{widths[0]}}" + "".join(f"  {str(c):>{w}}" for c, w in zip(r[1:], widths[1:], strict=True))
             for r in [header, *rows]]
+
+
+def evaluate_sasv(trials: SasvScores) -> dict[str, Any]:
+    """ASVspoof 5 Track 2: min a-DCF of the SASV scores, and the t-EER (percent) of the CM and ASV scores when the
+    file gives both (else None). JSON-ready, with the trial counts."""
+    from .detection import a_dcf, t_eer
+
+    label = trials.asv_label
+    by = {k: label == k for k in ("target", "nontarget", "spoof")}
+    teer = None
+    if trials.cm is not None and trials.asv is not None:
+        teer = t_eer(trials.cm[~by["spoof"]], trials.cm[by["spoof"]],
+                     *(trials.asv[by[k]] for k in ("target", "nontarget", "spoof")))
+    return {"a_dcf": a_dcf(*(trials.sasv[by[k]] for k in ("target", "nontarget", "spoof"))), "t_eer": teer,
+            "counts": {k: int(m.sum()) for k, m in by.items()}}

@@ -99,3 +99,15 @@ def plot_histograms(bonafide: np.ndarray, spoof: np.ndarray, png_path: Path, tit
     ax.legend()
     _save(fig, plt, png_path)
     return True
+
+
+def plot_score_file_det(scores_path: Path, png_path: Path, title: str) -> bool:
+    """The DET curve of a 2019-layout score file (a run's scores/dev.txt); False when it lacks a class or is absent."""
+    from .metrics import ScoreFileError, read_cm_scores
+
+    try:
+        cm = read_cm_scores(scores_path)
+    except ScoreFileError:
+        return False
+    bona, spoof = cm.score[cm.key == 1], cm.score[cm.key == 0]
+    return bool(bona.size and spoof.size) and plot_det(bona, spoof, png_path, title)

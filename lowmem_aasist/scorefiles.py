@@ -28,9 +28,6 @@ LA21_CONDITIONS = {"none": "C1", "alaw": "C2", "pstn": "C3", "g722": "C4", "ulaw
 DF21_CONDITIONS = {"nocodec": "C1", "low_mp3": "C2", "high_mp3": "C3", "low_m4a": "C4", "high_m4a": "C5",
                    "low_ogg": "C6", "high_ogg": "C7", "mp3m4a": "C8", "oggm4a": "C9"}
 
-ASVSPOOF5_HEADER = "filename\tcm-score"
-
-
 @dataclass(frozen=True)
 class Keys:
     """Labels of a key file: trial -> (key, line), the attack per trial, and condition columns by name."""
@@ -148,11 +145,64 @@ def read_scores(path: PathLike, keys: PathLike | None = None) -> CmScores:
     return _matched(path, scores, read_keys(keys))
 
 
-def write_asvspoof5(path: Path, utts: list[str], scores: np.ndarray) -> None:
-    """The ASVspoof 5 submission layout: a header, then `filename<tab>score` per trial."""
-    from .storage import atomic_write_text
+@dataclass(frozen=True)
+class SasvScores:
+    """ASVspoof 5 Track 2 trials: the ASV label per trial and its SASV score; CM and ASV scores where given."""
 
-    atomic_write_text(path, "\n".join([ASVSPOOF5_HEADER, *(f"{u}\t{s:.6f}" for u, s in zip(utts, scores, strict=True))]) + "\n")
+    asv_label: np.ndarray
+    """target, nontarget or spoof per trial."""
+    sasv: np.ndarray
+    cm: np.ndarray | None
+    asv: np.ndarray | None
+
+
+_SASV_NAMES = {"tar_spk_anon": "spk", "trial_anon": "filename"}
+
+
+def _header(path: PathLike, lines: list[tuple[int, str]], needed: tuple[str, ...]) -> list[str]:
+    names = [_SASV_NAMES.get(n, n) for n in lines[0][1].split()]
+    missing = [n for n in needed if n not in names]
+    if missing:
+        raise ScoreFileError(f"{path}:{lines[0][0]}: the header lacks {', '.join(missing)} (needs {' '.join(needed)})")
+    return names
+
+
+def read_sasv(path: PathLike, keys: PathLike) -> SasvScores:
+    """A Track 2 score file (header `spk filename cm-score asv-score sasv-score`, `-` allowed in the first two) and
+    its keys (header `spk filename cm-label asv-label`), trials matched by (speaker, file)."""
+    key_lines = _numbered_lines(keys)
+    names = _header(keys, key_lines, ("spk", "filename", "asv-label"))
+    label_at: dict[tuple[str, str], tuple[str, int]] = {}
+    for lineno, line in key_lines[1:]:
+        f = dict(zip(names, line.split(), strict=False))
+        if f.get("asv-label") not in ("target", "nontarget", "spoof"):
+            raise ScoreFileError(f"{keys}:{lineno}: asv-label must be target, nontarget or spoof: '{_shorten(line)}'")
+        label_at[(f["spk"], f["filename"])] = (f["asv-label"], lineno)
+    lines = _numbered_lines(path)
+    names = _header(path, lines, ("spk", "filename", "cm-score", "asv-score", "sasv-score"))
+    rows: dict[tuple[str, str], tuple[float | None, float | None, float]] = {}
+    for lineno, line in lines[1:]:
+        f = dict(zip(names, line.split(), strict=False))
+        trial = (f.get("spk", ""), f.get("filename", ""))
+        sasv = _parse_score(f.get("sasv-score", ""))
+        cm, asv = (None if f.get(c) == "-" else _parse_score(f.get(c, "")) for c in ("cm-score", "asv-score"))
+        if sasv is None or (cm is None and f.get("cm-score") != "-") or (asv is None and f.get("asv-score") != "-"):
+            raise ScoreFileError(f"{path}:{lineno}: expected finite scores (or '-' for cm/asv), got '{_shorten(line)}'")
+        if trial not in label_at:
+            raise ScoreFileError(f"{path}:{lineno}: trial {' '.join(trial)} is not in the keys {keys}")
+        if trial in rows:
+            raise ScoreFileError(f"{path}:{lineno}: trial {' '.join(trial)} is scored twice")
+        rows[trial] = (cm, asv, sasv)
+    unscored = next((t for t in label_at if t not in rows), None)
+    if unscored is not None:
+        raise ScoreFileError(f"{keys}:{label_at[unscored][1]}: trial {' '.join(unscored)} has no score in {path}")
+    trials = list(label_at)
+    cm = [rows[t][0] for t in trials]
+    asv = [rows[t][1] for t in trials]
+    return SasvScores(np.array([label_at[t][0] for t in trials], dtype=object),
+                      np.array([rows[t][2] for t in trials]),
+                      None if None in cm else np.array(cm, dtype=np.float64),
+                      None if None in asv else np.array(asv, dtype=np.float64))
 
 
 @dataclass(frozen=True)

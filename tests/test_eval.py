@@ -347,3 +347,22 @@ def test_a_partial_without_scores_is_started_afresh(corpus, weights, tmp_path, m
     stored = json.loads((tmp_path / "scores.txt.partial.json").read_text())
     assert stored["weights"] == str(other.resolve())
     assert (tmp_path / "scores.txt.partial").read_text() == ""
+
+
+def test_asvspoof5_layout_and_calibration_write_llrs_that_evaluate_reads_back(corpus, weights, reference, tmp_path):
+    from lowmem_aasist.scorefiles import Calibration, read_scores
+
+    _, data = reference
+    rows = [line.split() for line in data.decode().splitlines()]
+    cal = Calibration(0.5, -1.0, 0.05, "dev.txt")
+    out = tmp_path / "as5.tsv"
+    result = run_eval(corpus, weights, out=out, batch=4, score_layout="asvspoof5", calibration=cal, **FAST)
+    lines = out.read_text().splitlines()
+    assert lines[0] == "filename\tcm-score" and len(lines) == len(rows) + 1
+    for (utt, _, _, raw), line in zip(rows, lines[1:], strict=True):
+        name, llr = line.split("\t")
+        assert name == utt and float(llr) == pytest.approx(0.5 * float(raw) - 1.0, abs=2e-6)
+    keys = tmp_path / "keys.txt"
+    keys.write_text("filename cm-label\n" + "".join(f"{u} {k}\n" for u, _, k, _ in rows))
+    back = read_scores(out, keys)
+    assert result.metrics["cllr"] == pytest.approx(evaluate(back)["cllr"], abs=1e-5)

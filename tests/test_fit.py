@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 
 import numpy as np
@@ -220,6 +221,8 @@ def test_cli_fit_demo_end_to_end(tmp_path, capsys):
     assert "demo corpus: 16 utterances written" in text
     assert "dev EER" in text and "next:" in text and "best.pt" in text
     assert (out / "checkpoints" / "best.pt").is_file()
+    if importlib.util.find_spec("matplotlib"):  # the dev DET curve beside training.png, named in the summary
+        assert (out / "dev_det.png").read_bytes()[:4] == b"\x89PNG" and "dev_det.png" in text
     assert main([*argv[:4], "--out", str(tmp_path / "run2"), "--profile", str(profile)]) == 0
     assert "demo corpus: using" in capsys.readouterr().out  # generated once, then reused
 

@@ -136,3 +136,17 @@ def test_published_weights_through_the_cli(shared_dir, capsys):
             if ref["model"] == name:
                 # 3.0e-6 measured: the model is 2.6e-6 off, and both sides round to 6 decimals.
                 assert abs(got[ref["file"]] - ref["score"]) < 1e-5, (name, ref, got[ref["file"]])
+
+
+def test_asvspoof5_format_and_calibrated_llrs(tmp_path, weights, capsys):
+    path, model = weights
+    sf.write(tmp_path / "a.wav", _tone(2.0, 16_000), 16_000)
+    assert main(["score", str(tmp_path / "a.wav"), "--weights", str(path), "--device", "cpu", "--format", "asvspoof5"]) == 0
+    header, line = capsys.readouterr().out.splitlines()
+    raw = float(line.split("\t")[1])
+    assert header == "filename\tcm-score" and line.startswith(str(tmp_path / "a.wav") + "\t")
+    cal = tmp_path / "cal.json"
+    cal.write_text(json.dumps({"a": 2.0, "b": 0.5, "p_spoof": 0.05, "fitted_on": "dev"}))
+    code, rows, _ = _score_json(capsys, ["score", str(tmp_path / "a.wav"), "--weights", str(path), "--device", "cpu",
+                                         "--json", "--calibration", str(cal)])
+    assert code == 0 and rows[0]["calibrated"] and rows[0]["score"] == pytest.approx(2.0 * raw + 0.5, abs=1e-5)

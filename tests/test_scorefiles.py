@@ -126,3 +126,29 @@ def test_evaluate_plot_writes_a_det_curve_and_histograms(tmp_path, capsys):
     assert main(["evaluate", "--scores", str(scores), "--keys", str(protocol), "--plot", str(tmp_path / "p")]) == 0
     for name in ("det.png", "scores.png"):
         assert (tmp_path / "p" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_track2_file_gives_a_dcf_of_its_sasv_scores_and_t_eer_of_its_cm_and_asv_scores(tmp_path, capsys):
+    from lowmem_aasist.detection import a_dcf, t_eer
+
+    rng = np.random.default_rng(1)
+    labels = ["target", "nontarget", "spoof"] * 20
+    rows = [(f"S{i % 3}", f"E_{i:04d}", lab, *rng.normal([2, 3, 1] if lab == "target" else
+                                                       [2, -1, 0] if lab == "nontarget" else [-1, 2, 0.5], 1))
+            for i, lab in enumerate(labels)]
+    keys = tmp_path / "keys.tsv"
+    keys.write_text("spk filename cm-label asv-label\n" + "".join(
+        f"{s} {f} {'spoof' if lab == 'spoof' else 'bonafide'} {lab}\n" for s, f, lab, *_ in rows))
+    sasv = tmp_path / "sasv.tsv"
+    sasv.write_text("spk\tfilename\tcm-score\tasv-score\tsasv-score\n" + "".join(
+        f"{s}\t{f}\t{c}\t{a}\t{v}\n" for s, f, _, c, a, v in reversed(rows)))  # order must not matter
+    assert main(["evaluate", "--sasv", str(sasv), "--keys", str(keys), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    col = {k: np.array([r[3:] for r in rows if r[2] == k]) for k in ("target", "nontarget", "spoof")}
+    assert result["a_dcf"] == pytest.approx(a_dcf(col["target"][:, 2], col["nontarget"][:, 2], col["spoof"][:, 2]))
+    bona = np.concatenate([col["target"][:, 0], col["nontarget"][:, 0]])
+    assert result["t_eer"] == pytest.approx(t_eer(bona, col["spoof"][:, 0], *(col[k][:, 1] for k in col)))
+    assert result["counts"] == {"target": 20, "nontarget": 20, "spoof": 20}
+    sasv.write_text(sasv.read_text() + "S0\tE_0000\t1\t1\t1\n")
+    assert main(["evaluate", "--sasv", str(sasv), "--keys", str(keys)]) == 1
+    assert "E_0000 is scored twice" in capsys.readouterr().err

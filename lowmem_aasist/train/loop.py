@@ -36,7 +36,7 @@ from ..memory.fused_step import stepping
 from ..memory.plan import NoPlanError
 from ..metrics import eer_percent
 from ..progress import progress_bar
-from ..report import plot_run
+from ..report import plot_run, plot_score_file_det
 from ..scoring import score_split, write_score_file
 from ..step import forward_backward
 from ..storage import atomic_write_json
@@ -83,6 +83,7 @@ def fit(
         peak = train(state)
         if world.is_main:
             plot_run(out / "metrics.jsonl", out / "training.png")
+            plot_score_file_det(out / "scores" / "dev.txt", out / "dev_det.png", "dev DET, last evaluation")
             if state.plan is not None:  # the peak measured at the planned micro-batch refines the next plan
                 record_observed(state.plan, state.micro_batch, peak)
         return _result(state, peak)
