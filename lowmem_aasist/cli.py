@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -21,6 +20,7 @@ from .config import checkpoint_policies
 from .data.corpora import LAYOUTS, PHASES
 from .data.split import CROP_FROM
 from .memory.plan import OPTIMIZERS, PRECISIONS
+from .scorefiles import ASVSPOOF5_HEADER, SCORE_LAYOUTS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -55,14 +55,14 @@ def _calibration(args: argparse.Namespace):
 
 def cmd_score(args: argparse.Namespace) -> int:
     from .audio import list_audio_files
-    from .detection import C_FA, C_MISS
+    from .detection import bayes_threshold
     from .memory.device import resolve_device
     from .models import load
     from .scoring import score_files
 
     calibration = _calibration(args)  # a bad file fails before the model loads
     # A calibrated score is an LLR: the Bayes decision for the spoof prior it was fitted for; a raw logit: 0.
-    threshold = -math.log((1 - calibration.p_spoof) * C_MISS / (calibration.p_spoof * C_FA)) if calibration else 0.0
+    threshold = bayes_threshold(calibration.p_spoof) if calibration else 0.0
     device = resolve_device(args.device)
     model, family = load(args.weights, args.model, map_location=device)
     model = model.to(device)
@@ -84,13 +84,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     what = "LLR, calibrated" if calibration else "bona fide logit"
     table = Table("file", "score", "windows", "verdict", title=f"{family.name} scores ({what})")
     if args.format == "asvspoof5":
-        print("filename\tcm-score", flush=True)
+        print(ASVSPOOF5_HEADER, flush=True)
     for result in score_files(model, paths, device, full=args.full, batch=args.batch):
         if result.error:
             failed += 1
             err.print(f"error: {result.error}")
             continue
-        score = calibration.a * result.score + calibration.b if calibration else result.score
+        score = float(calibration.llr(result.score)) if calibration else result.score
         if args.format == "asvspoof5":
             print(f"{result.path}\t{score:.6f}", flush=True)
         elif args.format == "json":
@@ -431,7 +431,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _stdout().print(format_evaluation(result), highlight=False, markup=False)
     if args.plot:
         plots = Path(args.plot)
-        bona, spoof = cm.score[cm.key == 1], cm.score[cm.key == 0]
+        bona, spoof = cm.by_class()
         drawn = (plot_det(bona, spoof, plots / "det.png", f"DET: {Path(args.scores).name}")
                  and plot_histograms(bona, spoof, plots / "scores.png", f"scores: {Path(args.scores).name}"))
         _stderr().print(f"wrote {plots / 'det.png'} and {plots / 'scores.png'}" if drawn
@@ -465,7 +465,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .scorefiles import Calibration, write_calibration
 
     cm = _read_for_evaluation(args)
-    bona, spoof = cm.score[cm.key == 1], cm.score[cm.key == 0]
+    bona, spoof = cm.by_class()
     if not (bona.size and spoof.size):
         raise CLIError(f"calibrate: {args.scores} needs both bona fide and spoof trials to fit a calibration")
     if not 0 < args.prior < 1:
@@ -474,7 +474,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     a, b = fit_calibration(bona, spoof, prior)
     cal = Calibration(a, b, args.prior, str(args.scores))
     after = cal.apply(cm)
-    before_cllr, after_cllr = cllr(bona, spoof), cllr(after.score[after.key == 1], after.score[after.key == 0])
+    before_cllr, after_cllr = cllr(bona, spoof), cllr(*after.by_class())
     write_calibration(Path(args.out), cal, {"effective_bonafide_prior": prior, "trials": int(cm.key.size),
                                             "cllr_before": before_cllr, "cllr_after": after_cllr})
     _stdout().print(f"calibration: llr = {a:.6g} x score + {b:.6g} (spoof prior {args.prior}, effective bona fide "
@@ -635,7 +635,7 @@ def _add_eval(sub: argparse._SubParsersAction, models: list[str]) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--workers", type=int, default=-1, help="data-loading processes (default: from the cores)")
     p.add_argument("--asv-scores", help="ASV score file, for min t-DCF")
-    p.add_argument("--format", default="2019", choices=["2019", "asvspoof5"],
+    p.add_argument("--format", default="2019", choices=SCORE_LAYOUTS,
                    help="score file layout: 2019 ('UTT ATTACK KEY SCORE', default) or asvspoof5 (its submission layout)")
     p.add_argument("--calibration", help="a file from 'lowmem-aasist calibrate': write (and evaluate) LLRs")
 

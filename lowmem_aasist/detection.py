@@ -33,7 +33,12 @@ C_FA = 10.0  # cost of accepting a spoof
 # so a system that is no better than a constant decision scores 1.
 DCF_NORMALISER = min(C_MISS * (1 - P_SPOOF), C_FA * P_SPOOF)
 # The Bayes decision threshold for natural-log LLRs under the cost model: -ln 1.9 = -0.6418538861723947.
-ACT_DCF_THRESHOLD = -math.log(C_MISS * (1 - P_SPOOF) / (C_FA * P_SPOOF))
+def bayes_threshold(p_spoof: float) -> float:
+    """The LLR above which accepting as bona fide costs less than rejecting, under C_MISS, C_FA and ``p_spoof``."""
+    return -math.log(C_MISS * (1 - p_spoof) / (C_FA * p_spoof))
+
+
+ACT_DCF_THRESHOLD = bayes_threshold(P_SPOOF)
 
 # --- Track 2 (SASV) cost model ---------------------------------------------------------------------------------
 

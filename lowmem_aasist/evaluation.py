@@ -359,7 +359,7 @@ def run_eval(
     _score_remaining(indexed, scores, net, _Scoring(dev, prec, samples, plan.batch, workers), partial, problems,
                      f"scoring {split}", console)
     if calibration is not None:
-        scores = calibration.a * scores + calibration.b
+        scores = calibration.llr(scores)
     scored = write_score_file(out, sp, scores, score_layout)
     problems_path = problems.write(out.with_name(out.name + ".problems.jsonl"), sp)
     partial.unlink(missing_ok=True)

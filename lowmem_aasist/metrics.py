@@ -202,6 +202,11 @@ class CmScores:
         if len(sizes) != 1:
             raise ValueError(f"CmScores fields differ in length: {sorted(sizes)}")
 
+    def by_class(self) -> tuple[np.ndarray, np.ndarray]:
+        """(bona fide scores, spoof scores)."""
+        score, key = np.asarray(self.score, dtype=np.float64), np.asarray(self.key)
+        return score[key == 1], score[key == 0]
+
 
 @dataclass(frozen=True, eq=False)
 class AsvScores:

@@ -109,5 +109,5 @@ def plot_score_file_det(scores_path: Path, png_path: Path, title: str) -> bool:
         cm = read_cm_scores(scores_path)
     except ScoreFileError:
         return False
-    bona, spoof = cm.score[cm.key == 1], cm.score[cm.key == 0]
+    bona, spoof = cm.by_class()
     return bool(bona.size and spoof.size) and plot_det(bona, spoof, png_path, title)

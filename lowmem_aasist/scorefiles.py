@@ -28,6 +28,15 @@ LA21_CONDITIONS = {"none": "C1", "alaw": "C2", "pstn": "C3", "g722": "C4", "ulaw
 DF21_CONDITIONS = {"nocodec": "C1", "low_mp3": "C2", "high_mp3": "C3", "low_m4a": "C4", "high_m4a": "C5",
                    "low_ogg": "C6", "high_ogg": "C7", "mp3m4a": "C8", "oggm4a": "C9"}
 
+SCORE_LAYOUTS = ("2019", "asvspoof5")
+"""What ``eval --format`` writes: the 2019 reference's ``utt attack key score`` lines, or ASVspoof 5's submission
+layout (a header, then ``utt<tab>score``), whose keys come from the protocol."""
+ASVSPOOF5_HEADER = "filename\tcm-score"
+
+# The evaluation package's anonymised column names, read as their plain ones.
+_RENAMED = {"trial_anon": "filename", "tar_spk_anon": "spk", "attack_anon": "attack"}
+
+
 @dataclass(frozen=True)
 class Keys:
     """Labels of a key file: trial -> (key, line), the attack per trial, and condition columns by name."""
@@ -44,14 +53,10 @@ def _label(value: str) -> int | None:
 
 
 def _keys_with_header(path: PathLike, lines: list[tuple[int, str]]) -> Keys:
-    names = lines[0][1].split()
-    renamed = ["filename" if n == "trial_anon" else "attack" if n == "attack_anon" else n for n in names]
-    if "filename" not in renamed or "cm-label" not in renamed:
-        raise ScoreFileError(f"{path}:{lines[0][0]}: a key file's header needs 'filename' and 'cm-label' columns")
-    wanted = {n: renamed.index(n) for n in ("attack", "codec") if n in renamed}
-    f, k = renamed.index("filename"), renamed.index("cm-label")
+    names = _header(path, lines, ("filename", "cm-label"))
+    wanted = {n: names.index(n) for n in ("attack", "codec") if n in names}
     rows = [(n, line.split()) for n, line in lines[1:]]
-    return _collect(path, rows, len(names), f, k, wanted)
+    return _collect(path, rows, len(names), names.index("filename"), names.index("cm-label"), wanted)
 
 
 def _collect(path: PathLike, rows: list[tuple[int, list[str]]], width: int, f: int, k: int,
@@ -129,7 +134,7 @@ def read_scores(path: PathLike, keys: PathLike | None = None) -> CmScores:
     """A CM score file in any layout above, joined with ``keys`` where the layout holds no labels."""
     lines = _numbered_lines(path)
     first = lines[0][1].split()
-    if first == ["filename", "cm-score"]:
+    if first == ASVSPOOF5_HEADER.split("\t"):
         scores = _scored(path, lines[1:], 1, 2, "FILENAME<tab>SCORE")
         layout = "an ASVspoof 5 score file"
     elif len(first) == 2:
@@ -156,11 +161,8 @@ class SasvScores:
     asv: np.ndarray | None
 
 
-_SASV_NAMES = {"tar_spk_anon": "spk", "trial_anon": "filename"}
-
-
 def _header(path: PathLike, lines: list[tuple[int, str]], needed: tuple[str, ...]) -> list[str]:
-    names = [_SASV_NAMES.get(n, n) for n in lines[0][1].split()]
+    names = [_RENAMED.get(n, n) for n in lines[0][1].split()]
     missing = [n for n in needed if n not in names]
     if missing:
         raise ScoreFileError(f"{path}:{lines[0][0]}: the header lacks {', '.join(missing)} (needs {' '.join(needed)})")
@@ -215,8 +217,13 @@ class Calibration:
     """The spoof prior of the cost model it was fitted for; the fit weighs the classes at its effective prior."""
     fitted_on: str
 
+    def llr(self, scores: np.ndarray | float) -> np.ndarray:
+        from .detection import apply_calibration
+
+        return apply_calibration(scores, self.a, self.b)
+
     def apply(self, cm: CmScores) -> CmScores:
-        return replace(cm, score=self.a * np.asarray(cm.score, dtype=np.float64) + self.b)
+        return replace(cm, score=self.llr(cm.score))
 
 
 def write_calibration(path: Path, calibration: Calibration, extra: dict) -> None:

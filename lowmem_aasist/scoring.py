@@ -17,6 +17,7 @@ from .data.dataset import EvalInputs, make_loader
 from .data.split import Split
 from .memory.device import autocast_ctx
 from .models import InputSpec, family_of
+from .scorefiles import ASVSPOOF5_HEADER
 from .storage import atomic_write_text
 
 
@@ -68,18 +69,13 @@ def as_written(scores: np.ndarray) -> np.ndarray:
     return np.array([float(f"{s:.{SCORE_DECIMALS}f}") if np.isfinite(s) else s for s in scores], dtype=np.float64)
 
 
-SCORE_LAYOUTS = ("2019", "asvspoof5")
-"""What ``eval --format`` writes: the 2019 reference's ``utt attack key score`` lines, or ASVspoof 5's submission
-layout (a ``filename<tab>cm-score`` header, then ``utt<tab>score``), whose keys come from the protocol."""
-
-
 def write_score_file(path: str | Path, split: Split, scores: np.ndarray, layout: str = "2019") -> int:
-    """Write the scored utterances in ``layout`` (see SCORE_LAYOUTS); unscored utterances are left out."""
+    """Write the scored utterances in ``layout`` (see ``scorefiles.SCORE_LAYOUTS``); unscored ones are left out."""
     keys = np.where(split.label == 1, "bonafide", np.where(split.label == 0, "spoof", "-"))  # "-": no key
     rows = [(u, a, k, f"{s:.{SCORE_DECIMALS}f}")
             for u, a, k, s in zip(split.utt, split.attack, keys, scores, strict=True) if np.isfinite(s)]
     if layout == "asvspoof5":
-        lines = ["filename\tcm-score", *(f"{u}\t{s}" for u, _, _, s in rows)]
+        lines = [ASVSPOOF5_HEADER, *(f"{u}\t{s}" for u, _, _, s in rows)]
         atomic_write_text(path, "\n".join(lines) + "\n")
         return len(rows)
     lines = [" ".join(row) for row in rows]

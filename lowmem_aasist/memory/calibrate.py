@@ -96,7 +96,7 @@ def _not_yet_mapped(parent: dict) -> int:
     return lacking * os.sysconf("SC_PAGE_SIZE")
 
 
-def worker(job: Job, parent_pages: dict | None = None) -> dict:
+def worker(job: Job, parent_pages: dict) -> dict:
     """Build the step and measure it. Runs in a freshly forked child of the server, which maps the server's file
     pages (``parent_pages``) only as it touches them: what it lacks of them is added to each reading, page by page,
     so that a page the step touches is not counted twice."""
@@ -116,7 +116,7 @@ def worker(job: Job, parent_pages: dict | None = None) -> dict:
     step = build_step(model, optimizer, job.micro_batch, job.crop, job.micro_batch, job.precision, "cpu")
     gc.collect()
     start = rss_now()
-    lacking_before = _not_yet_mapped(parent_pages) if parent_pages else 0
+    lacking_before = _not_yet_mapped(parent_pages)
     if not reset_rss_peak():
         raise CalibrationError("cannot reset the resident-memory peak (Linux /proc/self/clear_refs)")
     t0 = time.perf_counter()
@@ -124,7 +124,7 @@ def worker(job: Job, parent_pages: dict | None = None) -> dict:
     peak = rss_peak() or 0
     # The first step creates Adam's state after backward, where the peak is; a steady-state step holds it through.
     grown = optimizer_state_bytes(optimizer)
-    lacking_after = _not_yet_mapped(parent_pages) if parent_pages else 0
+    lacking_after = _not_yet_mapped(parent_pages)
     return {"rss_start": start + lacking_before, "rss_peak": peak + grown + lacking_after, "live_peak": live + grown,
             "seconds": time.perf_counter() - t0}
 
